@@ -1,0 +1,506 @@
+"""The `grok` command: parses options, calls the library, renders what it yields.
+
+Nothing here imports jax (or the modules that do) at import time, so `grok --help` and
+`grok --version` stay fast; each command imports the library when it runs.
+
+Layout of this file:
+  1. error handling (one line on stderr, exit 2 for usage errors, 1 for runtime failures)
+  2. shared options, declared once as `Annotated` aliases
+  3. helpers every model-loading command uses (resolve the checkpoint, load with progress)
+  4. commands: complete, repl, info
+  5. commands: download, verify-checkpoint (added separately, see the marked section)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from . import __version__
+from .errors import CheckpointError, ConfigError, GrokError, PromptTooLongError, TokenizerError
+from .sampling import SamplingParams
+
+# ---------------------------------------------------------------------------------------------
+# 1. Error handling
+# ---------------------------------------------------------------------------------------------
+
+EXIT_RUNTIME = 1  # something failed while doing the work (bad file, out of memory, ...)
+EXIT_USAGE = 2  # the command line asks for something impossible; fixing the command fixes it
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+
+
+class UsageError(GrokError):
+    """A problem the user fixes by changing the command line (exit code 2)."""
+
+
+# Library errors caused by what the user typed, rather than by what is on disk.
+_USAGE_ERRORS: tuple[type[BaseException], ...] = (UsageError, PromptTooLongError)
+
+
+@dataclasses.dataclass
+class _State:
+    """Process-wide switches set by eager options before any command body runs."""
+
+    debug: bool = False  # show tracebacks instead of one-line errors
+    color: str = "auto"  # auto | always | never
+
+
+_state = _State()
+
+
+def _set_debug(value: bool) -> bool:
+    if value:
+        _state.debug = True
+    return value
+
+
+def _error_line(message: str) -> None:
+    """Print `grok: error: message` on stderr: one line, no colour codes unless stderr is a TTY."""
+    message = " ".join(str(message).split("\n")[0:1]).strip() or "unknown error"
+    from .tui import stderr_console
+
+    stderr_console().print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code the CLI uses for an exception (2 usage, 1 runtime, 130 interrupted)."""
+    from typer._click import exceptions as click_exc
+
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, click_exc.ClickException):
+        return exc.exit_code
+    if isinstance(exc, _USAGE_ERRORS):
+        return EXIT_USAGE
+    return EXIT_RUNTIME
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line message for an exception the CLI is about to report."""
+    from typer._click import exceptions as click_exc
+
+    if isinstance(exc, click_exc.UsageError):
+        msg = exc.format_message()
+        cmd = exc.ctx.command_path if exc.ctx is not None else "grok"
+        return f"{msg} (see '{cmd} --help')"
+    if isinstance(exc, click_exc.ClickException):
+        return exc.format_message()
+    if isinstance(exc, GrokError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of host memory (try a smaller --batch/--context, or a machine with more RAM)"
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        return f"{exc.strerror or exc}{where}"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+        return f"out of accelerator memory: {text} (see `grok info --memory`)"
+    name = type(exc).__name__
+    return f"{name}: {text} (internal error; rerun with --debug for the traceback)"
+
+
+class GrokGroup(TyperGroup):
+    """The top-level command group: turns every exception into one line and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from typer._click import exceptions as click_exc
+
+        _state.debug = bool(os.environ.get("GROK_DEBUG"))
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "grok", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click_exc.NoArgsIsHelpError as exc:
+            exc.show()  # `grok` alone: the help, on stderr, exit 2 as click does
+            code = EXIT_USAGE
+        except typer.Abort:
+            code = EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader went away (`grok complete ... | head`): stop quietly, as `cat` does.
+            _silence_stdout()
+            code = EXIT_RUNTIME
+        except Exception as exc:  # noqa: BLE001 - this is the one place that reports errors
+            if _state.debug and not isinstance(exc, click_exc.ClickException):
+                traceback.print_exc(file=sys.stderr)
+            _error_line(describe_error(exc))
+            code = exit_code_for(exc)
+        except KeyboardInterrupt:
+            if _state.debug:
+                traceback.print_exc(file=sys.stderr)
+            _error_line("interrupted")
+            code = EXIT_INTERRUPTED
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+def _silence_stdout() -> None:
+    # After EPIPE, Python would complain again while flushing stdout at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def usage_error(message: str) -> UsageError:
+    """An error the user fixes by changing the command line (exit 2)."""
+    return UsageError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Shared options (declared once; every command reuses them)
+# ---------------------------------------------------------------------------------------------
+
+
+class ColorMode(str, enum.Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+def _set_color(value: Optional[ColorMode]) -> Optional[ColorMode]:
+    if value is not None:
+        _state.color = value.value
+        from . import tui
+
+        tui.set_color_mode(value.value)
+    return value
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"grok {__version__}")
+        raise typer.Exit()
+
+
+_MODEL_PANEL = "Model"
+_SAMPLING_PANEL = "Sampling"
+_DEVICE_PANEL = "Devices and memory"
+_OUTPUT_PANEL = "Output"
+
+# Output / behaviour
+DebugOpt = Annotated[bool, typer.Option(
+    "--debug", envvar="GROK_DEBUG", is_eager=True, callback=_set_debug,
+    help="Show the full traceback when something fails.")]
+ColorOpt = Annotated[Optional[ColorMode], typer.Option(
+    "--color", is_eager=True, callback=_set_color, case_sensitive=False,
+    help="Colour in the terminal: auto (when writing to a terminal and NO_COLOR is unset), always, never.",
+    show_default=False)]
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", "-q", envvar="GROK_QUIET", help="No progress or stats on stderr; errors are still shown.",
+    rich_help_panel=_OUTPUT_PANEL)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.",
+                                       rich_help_panel=_OUTPUT_PANEL)]
+
+# Model selection
+CheckpointOpt = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", "-c", envvar="GROK_CHECKPOINT", show_default=False, rich_help_panel=_MODEL_PANEL,
+    help="Checkpoint directory (holds ckpt-0/, optional config.json and tokenizer.model). "
+         "Default: where `grok download` puts Grok-1.")]
+TokenizerOpt = Annotated[Optional[Path], typer.Option(
+    "--tokenizer", envvar="GROK_TOKENIZER", show_default=False, rich_help_panel=_MODEL_PANEL,
+    help="SentencePiece tokenizer.model. Default: tokenizer.model in the checkpoint directory.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", envvar="GROK_MODEL", show_default=False, rich_help_panel=_MODEL_PANEL,
+    help="A named model instead of --checkpoint: 'demo' (the small model bundled with grokcli) "
+         "or 'grok-1' (the downloaded Grok-1).")]
+NoCompileCacheOpt = Annotated[bool, typer.Option(
+    "--no-compile-cache", envvar="GROK_NO_COMPILE_CACHE", rich_help_panel=_MODEL_PANEL,
+    help="Do not use the persistent compilation cache (it lives in the user cache directory).")]
+
+# Devices, mesh, multi-host and memory
+MeshOpt = Annotated[Optional[str], typer.Option(
+    "--mesh", envvar="GROK_MESH", show_default=False, rich_help_panel=_DEVICE_PANEL,
+    help="Device mesh DATAxMODEL, e.g. 1x8. Default: model-parallel over all local devices.")]
+CoordinatorOpt = Annotated[Optional[str], typer.Option(
+    "--coordinator", show_default=False, rich_help_panel=_DEVICE_PANEL,
+    help="Multi-host: HOST:PORT of process 0 (JAX's distributed runtime; JAX_COORDINATOR_ADDRESS also works).")]
+NumProcessesOpt = Annotated[Optional[int], typer.Option(
+    "--num-processes", min=1, show_default=False, rich_help_panel=_DEVICE_PANEL,
+    help="Multi-host: total number of processes.")]
+ProcessIdOpt = Annotated[Optional[int], typer.Option(
+    "--process-id", min=0, show_default=False, rich_help_panel=_DEVICE_PANEL,
+    help="Multi-host: this process's index, 0 .. num-processes-1.")]
+DeviceMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--device-memory", envvar="GROK_DEVICE_MEMORY", show_default=False, rich_help_panel=_DEVICE_PANEL,
+    help="Memory per device for the fit check, e.g. 80GB (default: as detected).")]
+
+# Sampling (names users know from llama.cpp, mlx-lm and llm); defaults are the library's.
+_SP = SamplingParams()
+TempOpt = Annotated[float, typer.Option(
+    "--temp", "--temperature", envvar="GROK_TEMP", rich_help_panel=_SAMPLING_PANEL,
+    help="Sampling temperature; 0 picks the most likely token (greedy).")]
+TopKOpt = Annotated[int, typer.Option(
+    "--top-k", envvar="GROK_TOP_K", rich_help_panel=_SAMPLING_PANEL,
+    help="Sample among the k most likely tokens; 0 disables.")]
+TopPOpt = Annotated[float, typer.Option(
+    "--top-p", envvar="GROK_TOP_P", rich_help_panel=_SAMPLING_PANEL,
+    help="Nucleus sampling: the smallest set of tokens whose probability reaches p; 1 disables.")]
+MinPOpt = Annotated[float, typer.Option(
+    "--min-p", envvar="GROK_MIN_P", rich_help_panel=_SAMPLING_PANEL,
+    help="Drop tokens less likely than min-p times the most likely one; 0 disables.")]
+RepeatPenaltyOpt = Annotated[float, typer.Option(
+    "--repeat-penalty", envvar="GROK_REPEAT_PENALTY", rich_help_panel=_SAMPLING_PANEL,
+    help="Penalise tokens already in the prompt or output (>1 discourages repeats); 1 disables.")]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", envvar="GROK_SEED", show_default=False, rich_help_panel=_SAMPLING_PANEL,
+    help="Random seed; the same seed and options give the same text. Default: a fresh random seed.")]
+MaxTokensOpt = Annotated[int, typer.Option(
+    "--max-tokens", "-n", envvar="GROK_MAX_TOKENS", rich_help_panel=_SAMPLING_PANEL,
+    help="Generate at most this many tokens.")]
+StopOpt = Annotated[Optional[list[str]], typer.Option(
+    "--stop", envvar="GROK_STOP", show_default=False, rich_help_panel=_SAMPLING_PANEL,
+    help="Stop before this text (repeatable); the stop text is not printed.")]
+IgnoreEosOpt = Annotated[bool, typer.Option(
+    "--ignore-eos", envvar="GROK_IGNORE_EOS", rich_help_panel=_SAMPLING_PANEL,
+    help="Keep generating past the end-of-text token.")]
+
+# Which SamplingParams field each option sets, for error messages that name the option.
+SAMPLING_FLAGS = {
+    "temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+    "repetition_penalty": "--repeat-penalty", "seed": "--seed", "max_tokens": "--max-tokens",
+    "stop": "--stop", "ignore_eos": "--ignore-eos", "logprobs": "--show-probs",
+}
+
+
+def make_sampling(*, temp: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
+                  seed: Optional[int], max_tokens: int, stop: Optional[list[str]], ignore_eos: bool,
+                  logprobs: int = 0) -> SamplingParams:
+    """SamplingParams from the command line; an invalid value is a usage error naming its option."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    try:
+        return SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens,
+                              stop=tuple(stop or ()), ignore_eos=ignore_eos, logprobs=logprobs)
+    except ValueError as e:
+        raise usage_error(_name_option(str(e))) from None
+
+
+def _name_option(message: str) -> str:
+    """Prefix a SamplingParams message with the option that set the bad value."""
+    for field, flag in sorted(SAMPLING_FLAGS.items(), key=lambda kv: -len(kv[0])):
+        if message.startswith(field) or message.startswith(field.replace("_", " ")):
+            return f"invalid value for {flag}: {message}"
+    return f"invalid sampling option: {message}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """Everything a model-loading command was told about which model to load and where to run it."""
+
+    checkpoint: Optional[Path] = None
+    tokenizer: Optional[Path] = None
+    model: Optional[str] = None
+    mesh: Optional[str] = None
+    coordinator: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    device_memory: Optional[str] = None
+    compile_cache: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Helpers shared by the model-loading commands
+# ---------------------------------------------------------------------------------------------
+
+MODEL_NAMES = ("demo", "grok-1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    """Where the model and tokenizer will be read from, and how we got there."""
+
+    checkpoint: Path
+    tokenizer: Optional[Path]  # an explicit --tokenizer, else None (the library looks in the dir)
+    source: str  # "--checkpoint", "GROK_CHECKPOINT", "--model demo", "default"
+
+
+def resolve_model(opts: ModelOptions) -> ResolvedModel:
+    """Decide which checkpoint directory to use; usage errors for paths that cannot be right."""
+    from . import paths
+
+    if opts.model is not None and opts.model not in MODEL_NAMES:
+        raise usage_error(f"unknown --model {opts.model!r}: choose one of {', '.join(MODEL_NAMES)}, "
+                          "or give a directory with --checkpoint")
+    if opts.model is not None and opts.checkpoint is not None:
+        raise usage_error("give either --model or --checkpoint (GROK_CHECKPOINT), not both")
+    if opts.tokenizer is not None and not opts.tokenizer.is_file():
+        raise usage_error(f"tokenizer file not found: {opts.tokenizer} (--tokenizer)")
+
+    if opts.model == "demo":
+        path = paths.demo_model_dir()
+        if not (path / "ckpt-0").is_dir():
+            raise CheckpointError(f"the demo model is not installed in this copy of grokcli (expected {path}/ckpt-0); "
+                                  "reinstall grokcli or use --checkpoint")
+        return ResolvedModel(path, opts.tokenizer, "--model demo")
+
+    if opts.checkpoint is not None:
+        path = opts.checkpoint.expanduser()
+        source = "--checkpoint"
+    else:
+        path = paths.default_checkpoint_dir()
+        source = "default"
+        if not path.exists():
+            raise usage_error(
+                f"no checkpoint at {path}: get Grok-1 with `grok download` (or pass --checkpoint DIR), "
+                "or try the demo model: grok complete --model demo \"Once upon a time\"")
+    if not path.exists():
+        raise usage_error(f"checkpoint directory not found: {path} (--checkpoint / GROK_CHECKPOINT)")
+    if not path.is_dir():
+        raise usage_error(f"not a directory: {path} (--checkpoint expects the directory that holds ckpt-0/)")
+    if not (path / "ckpt-0").is_dir():
+        hint = " (did you mean its parent?)" if path.name == "ckpt-0" else ""
+        raise usage_error(f"{path} is not a Grok-1 checkpoint directory: no ckpt-0/ inside{hint}")
+    return ResolvedModel(path, opts.tokenizer, source)
+
+
+def setup_runtime(opts: ModelOptions, *, quiet: bool = False) -> None:
+    """Prepare JAX before the model loads: compile cache, distributed runtime, mesh checks.
+
+    NOTE: --mesh, --coordinator/--num-processes/--process-id and --device-memory are parsed and
+    validated here; they are passed to the library when grokcli.runtime / grokcli.sharding
+    provide the functions (see _call_runtime).
+    """
+    if opts.mesh is not None:
+        parse_mesh(opts.mesh)
+    if opts.device_memory is not None:
+        parse_bytes(opts.device_memory, "--device-memory")
+    if (opts.num_processes is None) != (opts.process_id is None) and opts.coordinator:
+        raise usage_error("multi-host needs --coordinator, --num-processes and --process-id together")
+    if opts.process_id is not None and opts.num_processes is not None and opts.process_id >= opts.num_processes:
+        raise usage_error(f"--process-id {opts.process_id} must be below --num-processes {opts.num_processes}")
+    _call_runtime(opts)
+
+
+def _call_runtime(opts: ModelOptions) -> None:
+    """Hand the runtime options to the library (where it has the hooks)."""
+    try:
+        from . import runtime  # type: ignore[attr-defined]
+    except ImportError:
+        runtime = None
+    if runtime is not None and hasattr(runtime, "configure"):
+        runtime.configure(compile_cache=opts.compile_cache, coordinator=opts.coordinator,
+                          num_processes=opts.num_processes, process_id=opts.process_id)
+        return
+    # No runtime module yet: at least honour --no-compile-cache / turn the cache on, through jax.
+    import jax
+
+    if opts.compile_cache:
+        from . import paths
+
+        cache = paths.cache_dir() / "jax-compile-cache"
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            jax.config.update("jax_compilation_cache_dir", str(cache))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        except OSError:
+            pass  # a read-only home directory only costs compile time
+    if opts.coordinator:
+        jax.distributed.initialize(coordinator_address=opts.coordinator, num_processes=opts.num_processes,
+                                   process_id=opts.process_id)
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """'DATAxMODEL' -> (data, model); a usage error for anything else."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        data, model = (int(p) for p in parts)
+    except ValueError:
+        raise usage_error(f"invalid --mesh {text!r}: expected DATAxMODEL, e.g. 1x8") from None
+    if data < 1 or model < 1:
+        raise usage_error(f"invalid --mesh {text!r}: both sizes must be >= 1")
+    return data, model
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """'80GB', '80 GiB', '8e10' -> bytes; a usage error naming the option otherwise."""
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise usage_error(f"invalid {option} {text!r}: expected a size such as 80GB or 24GiB") from None
+    if value <= 0:
+        raise usage_error(f"invalid {option} {text!r}: must be positive")
+    return int(value)
+
+
+def load_model(opts: ModelOptions, *, quiet: bool = False):
+    """Resolve, prepare the runtime and load the model with a progress display on stderr.
+
+    Returns (model, tokenizer, resolved).
+    """
+    resolved = resolve_model(opts)
+    setup_runtime(opts, quiet=quiet)
+    import grokcli
+
+    from . import tui
+
+    with tui.LoadProgress(resolved.checkpoint, quiet=quiet) as progress:
+        model, tokenizer = grokcli.load(resolved.checkpoint, resolved.tokenizer, progress=progress.update)
+    return model, tokenizer, resolved
+
+
+def model_options(checkpoint, tokenizer, model, mesh, coordinator, num_processes, process_id,
+                  device_memory, no_compile_cache) -> ModelOptions:
+    return ModelOptions(checkpoint=checkpoint, tokenizer=tokenizer, model=model, mesh=mesh,
+                        coordinator=coordinator, num_processes=num_processes, process_id=process_id,
+                        device_memory=device_memory, compile_cache=not no_compile_cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# The application
+# ---------------------------------------------------------------------------------------------
+
+app = typer.Typer(
+    name="grok",
+    cls=GrokGroup,
+    help="Run xAI's open-weights Grok-1 (or any model of its architecture): complete, repl, info.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", "-V", is_eager=True, callback=_version_callback,
+                                          help="Print the version and exit.")] = False,
+    debug: DebugOpt = False,
+    color: ColorOpt = None,
+) -> None:
+    """Run xAI's open-weights Grok-1 (or any model of its architecture) from the terminal.
+
+    Model text goes to stdout; progress, status and statistics go to stderr.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. complete, repl, info
+# ---------------------------------------------------------------------------------------------
+# (command bodies follow)
+
+
+def main(argv: Optional[list[str]] = None) -> Any:
+    """Console-script entry point (`grok = "grokcli.cli:main"`)."""
+    return app(args=argv, prog_name="grok")
+
+
+if __name__ == "__main__":
+    main()
