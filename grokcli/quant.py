@@ -59,3 +59,139 @@ def quantize(w: np.ndarray, row_blocks: int = 1) -> QuantizedWeight:
     safe = np.where(scales.astype(np.float32) == 0, 1.0, scales.astype(np.float32))
     q = np.clip(np.rint(blocks / safe[..., :, None, :]), -127, 127).astype(np.int8)
     return QuantizedWeight(weight=q.reshape(w.shape), scales=scales)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one matmul helper.
+#
+# XLA:CPU materialises a full f32 copy of an int8 weight on every dot, however the dot is
+# written. So on CPU the weight is dequantised in chunks of about 1 MiB inside a `lax.scan`, each
+# chunk multiplied and accumulated, and scales applied on the output side (exact: a scale is
+# constant over its block of input rows). On GPU/TPU the compiler fuses the int8 -> bf16 convert
+# into the matmul, so the plain form is used there.
+
+_CHUNK_ELEMENTS = 1 << 18  # f32 elements of one dequantised chunk (1 MiB)
+
+
+def _chunked_backend() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _rows_per_chunk(block_rows: int, n_out: int, copies: int = 1) -> int:
+    """Largest divisor of `block_rows` whose chunk (rows x out x copies) stays within _CHUNK_ELEMENTS."""
+    target = max(1, _CHUNK_ELEMENTS // max(1, n_out * copies))
+    best = 1
+    for d in range(1, block_rows + 1):
+        if block_rows % d == 0 and d <= target:
+            best = d
+    return best
+
+
+def qmatmul(x, w, *, experts=None, group_sizes=None, compute_dtype=None):
+    """`x @ w` for a plain or quantized weight; the only way the model multiplies by a weight.
+
+    - `w` `[in, out]`: x is `[..., in]`.
+    - `w` `[E, in, out]` and `experts` `[N]` (int): row n of x `[N, in]` uses expert `experts[n]`;
+      only the selected experts' weights are read (decode: few rows).
+    - `w` `[E, in, out]` and `group_sizes` `[E]`: x `[N, in]` is sorted by expert, the first
+      group_sizes[0] rows use expert 0, and so on (prefill: many rows, grouped matmul).
+    `experts` must also be given with `group_sizes` (the expert of each sorted row, for the scales).
+    """
+    dtype = compute_dtype or x.dtype
+    if not isinstance(w, QuantizedWeight):
+        w = jnp.asarray(w, dtype)
+        x = x.astype(dtype)
+        if group_sizes is not None:
+            return jax.lax.ragged_dot(x, w, group_sizes)
+        if experts is not None:
+            return jnp.einsum("ni,nio->no", x, w[experts])
+        return x @ w
+    x = x.astype(dtype)
+    if group_sizes is not None:
+        return _grouped(x, w, group_sizes, experts, dtype)
+    if experts is not None:
+        return _gathered(x, w, experts, dtype)
+    lead = x.shape[:-1]
+    out = _dense(x.reshape(-1, x.shape[-1]), w, dtype)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def _dense(x, w: QuantizedWeight, dtype):
+    """x [N, in] @ w [in, out]."""
+    n_in, n_out = w.weight.shape
+    blocks = w.row_blocks
+    scales = w.scales.astype(dtype)
+    if not _chunked_backend():
+        xb = x.reshape(x.shape[0], blocks, n_in // blocks)
+        wb = w.weight.reshape(blocks, n_in // blocks, n_out).astype(dtype)
+        partial = jnp.einsum("nbi,bio->nbo", xb, wb, preferred_element_type=jnp.float32)
+        return (partial * scales[None].astype(jnp.float32)).sum(1).astype(dtype)
+    rows = _rows_per_chunk(n_in // blocks, n_out)
+    n_chunks = n_in // rows
+    w_chunks = w.weight.reshape(n_chunks, rows, n_out)
+    x_chunks = x.reshape(x.shape[0], n_chunks, rows).transpose(1, 0, 2)
+    chunk_scales = scales[(jnp.arange(n_chunks) * rows) // (n_in // blocks)]  # [chunks, out]
+
+    def step(acc, inputs):
+        xc, wc, sc = inputs
+        return acc + (xc @ wc.astype(dtype)) * sc, None
+
+    acc, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], n_out), dtype), (x_chunks, w_chunks, chunk_scales))
+    return acc
+
+
+def _gathered(x, w: QuantizedWeight, experts, dtype):
+    """Row n of x [N, in] times expert experts[n] of w [E, in, out], reading only those experts."""
+    n_exp, n_in, n_out = w.weight.shape
+    blocks = w.row_blocks
+    block_rows = n_in // blocks
+    scales = w.scales.astype(dtype)  # [E, blocks, out]
+    if not _chunked_backend():
+        xb = x.reshape(x.shape[0], blocks, block_rows)
+        wb = w.weight[experts].reshape(x.shape[0], blocks, block_rows, n_out).astype(dtype)
+        partial = jnp.einsum("nbi,nbio->nbo", xb, wb, preferred_element_type=jnp.float32)
+        return (partial * scales[experts].astype(jnp.float32)).sum(1).astype(dtype)
+    rows = _rows_per_chunk(block_rows, n_out, copies=x.shape[0])
+    n_chunks = n_in // rows
+    w_chunks = w.weight.reshape(n_exp, n_chunks, rows, n_out)
+    x_chunks = x.reshape(x.shape[0], n_chunks, rows).transpose(1, 0, 2)
+    row_scales = scales[experts]  # [N, blocks, out]
+
+    def step(acc, inputs):
+        i, xc = inputs
+        wc = w_chunks[experts, i].astype(dtype)  # [N, rows, out]: only the selected experts' rows
+        sc = row_scales[:, (i * rows) // block_rows]
+        return acc + jnp.einsum("nr,nro->no", xc, wc) * sc, None
+
+    acc, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], n_out), dtype), (jnp.arange(n_chunks), x_chunks))
+    return acc
+
+
+def _grouped(x, w: QuantizedWeight, group_sizes, experts, dtype):
+    """x [N, in] sorted by expert (group_sizes [E]) times w [E, in, out], via grouped matmuls."""
+    n_exp, n_in, n_out = w.weight.shape
+    blocks = w.row_blocks
+    block_rows = n_in // blocks
+    scales = w.scales.astype(dtype)
+    row_scales = scales[experts]  # [N, blocks, out]
+    if not _chunked_backend():
+        parts = []
+        for b in range(blocks):
+            sl = slice(b * block_rows, (b + 1) * block_rows)
+            part = jax.lax.ragged_dot(x[:, sl], w.weight[:, sl].astype(dtype), group_sizes,
+                                      preferred_element_type=jnp.float32)
+            parts.append(part * row_scales[:, b].astype(jnp.float32))
+        return sum(parts).astype(dtype)
+    rows = _rows_per_chunk(block_rows, n_out, copies=n_exp)
+    n_chunks = n_in // rows
+    w_chunks = w.weight.reshape(n_exp, n_chunks, rows, n_out).transpose(1, 0, 2, 3)
+    x_chunks = x.reshape(x.shape[0], n_chunks, rows).transpose(1, 0, 2)
+
+    def step(acc, inputs):
+        i, xc, wc = inputs
+        part = jax.lax.ragged_dot(xc, wc.astype(dtype), group_sizes)
+        return acc + part * row_scales[:, (i * rows) // block_rows], None
+
+    acc, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], n_out), dtype),
+                          (jnp.arange(n_chunks), x_chunks, w_chunks))
+    return acc
