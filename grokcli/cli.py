@@ -496,6 +496,338 @@ def _root(
 # ---------------------------------------------------------------------------------------------
 # (command bodies follow)
 
+PromptArg = Annotated[Optional[str], typer.Argument(
+    show_default=False, help="The text to continue. '-' or no argument with piped stdin: read the prompt from stdin.")]
+
+
+def _read_prompts(prompt: Optional[str], extra: Optional[list[str]], file: Optional[Path]) -> list[str]:
+    """Collect the prompts of `complete` from the argument, -p, --file and stdin."""
+    prompts: list[str] = []
+    stdin_piped = not _isatty(sys.stdin)
+    if prompt == "-" or (prompt is None and not extra and file is None and stdin_piped):
+        prompts.append(sys.stdin.read())
+    elif prompt is not None:
+        prompts.append(prompt)
+    prompts.extend(extra or ())
+    if file is not None:
+        try:
+            text = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise usage_error(f"prompt file not found: {file} (--file)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise usage_error(f"cannot read prompt file {file}: {e} (--file)") from None
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise usage_error(f"prompt file {file} has no prompts (one per line) (--file)")
+        prompts.extend(lines)
+    if not prompts:
+        raise usage_error("no prompt: give it as an argument, with -p/--prompt or --file, or pipe it on stdin")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+            raise usage_error(f"{which} is empty")
+    return prompts
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def completion_json(prompt: str, done, sampling: SamplingParams, token_events, *, show_probs: bool,
+                    checkpoint: Path) -> dict:
+    """The --json object of one completion."""
+    st = done.stats
+    out = {
+        "model": str(checkpoint),
+        "prompt": prompt,
+        "text": done.text,
+        "token_ids": list(done.token_ids),
+        "finish_reason": done.finish_reason,
+        "usage": {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
+                  "total_tokens": st.prompt_tokens + st.generated_tokens},
+        "timings": {"time_to_first_token_s": st.time_to_first_token_s,
+                    "prefill_tokens_per_s": st.prefill_tokens_per_s,
+                    "decode_tokens_per_s": st.decode_tokens_per_s, "total_s": st.total_s,
+                    "peak_memory_bytes": st.peak_memory_bytes},
+        "sampling": {**dataclasses.asdict(sampling), "stop": list(sampling.stop)},
+    }
+    if show_probs:
+        out["logprobs"] = [
+            {"token_id": ev.token_id, "text": ev.text, "logprob": ev.logprob,
+             "top_logprobs": [{"token_id": t.token_id, "text": t.text, "logprob": t.logprob}
+                              for t in (ev.top_logprobs or ())]}
+            for ev in token_events]
+    return out
+
+
+@app.command(rich_help_panel="Generate")
+def complete(
+    prompt: PromptArg = None,
+    prompts: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", "-p", show_default=False, rich_help_panel=_OUTPUT_PANEL,
+        help="A prompt (repeatable); several prompts run as one batch and print in order.")] = None,
+    file: Annotated[Optional[Path], typer.Option(
+        "--file", "-f", show_default=False, rich_help_panel=_OUTPUT_PANEL,
+        help="Read prompts from a file, one per line ('-' for stdin); they run as one batch.")] = None,
+    checkpoint: CheckpointOpt = None,
+    tokenizer: TokenizerOpt = None,
+    model: ModelOpt = None,
+    temp: TempOpt = _SP.temperature,
+    top_k: TopKOpt = _SP.top_k,
+    top_p: TopPOpt = _SP.top_p,
+    min_p: MinPOpt = _SP.min_p,
+    repeat_penalty: RepeatPenaltyOpt = _SP.repetition_penalty,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = _SP.max_tokens,
+    stop: StopOpt = None,
+    ignore_eos: IgnoreEosOpt = False,
+    truncate: Annotated[bool, typer.Option(
+        "--truncate", rich_help_panel=_MODEL_PANEL,
+        help="When the prompt is longer than the context, drop its oldest tokens instead of failing.")] = False,
+    no_stream: Annotated[bool, typer.Option(
+        "--no-stream", rich_help_panel=_OUTPUT_PANEL, help="Print the text once, at the end.")] = False,
+    json_out: JsonOpt = False,
+    show_probs: Annotated[bool, typer.Option(
+        "--show-probs", rich_help_panel=_OUTPUT_PANEL,
+        help="Show each token's probability and its top alternatives (colour-coded in a terminal, "
+             "a table on stderr; data in --json).")] = False,
+    quiet: QuietOpt = False,
+    mesh: MeshOpt = None,
+    coordinator: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
+    device_memory: DeviceMemoryOpt = None,
+    no_compile_cache: NoCompileCacheOpt = False,
+    debug: DebugOpt = False,
+    color: ColorOpt = None,
+) -> None:
+    """Continue a prompt, streaming the model's text to stdout.
+
+    Grok-1 is a base model: it continues text rather than answering questions. Progress, status
+    and a one-line stats summary go to stderr (--quiet hides them).
+    """
+    texts = _read_prompts(prompt, prompts, file)
+    sampling = make_sampling(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                             seed=seed, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos,
+                             logprobs=5 if show_probs else 0)
+    opts = model_options(checkpoint, tokenizer, model, mesh, coordinator, num_processes, process_id,
+                         device_memory, no_compile_cache)
+    lm, tok, resolved = load_model(opts, quiet=quiet)
+    if tok is None:
+        raise usage_error(f"no tokenizer: {resolved.checkpoint} has no tokenizer.model; pass --tokenizer PATH")
+    _run_completions(lm, tok, texts, sampling, resolved=resolved, truncate=truncate, stream=not no_stream,
+                     json_out=json_out, show_probs=show_probs, quiet=quiet)
+
+
+def _run_completions(lm, tok, texts: list[str], sampling: SamplingParams, *, resolved: ResolvedModel,
+                     truncate: bool, stream: bool, json_out: bool, show_probs: bool, quiet: bool) -> None:
+    """Generate for each prompt (one batch when several), render in prompt order."""
+    import json
+
+    import grokcli
+
+    from . import tui
+
+    status = tui.StatusDisplay(quiet=quiet)
+    sink = tui.TextSink(show_probs=show_probs)
+    n = len(texts)
+    if n == 1:
+        events = grokcli.stream_generate(lm, tok, texts[0], sampling, truncate="left" if truncate else None)
+    else:
+        if truncate:
+            raise usage_error("--truncate works with a single prompt only")
+        events = grokcli.stream_generate_batch(lm, tok, texts, sampling)
+    streaming = stream and not json_out
+    token_events: list[list] = [[] for _ in range(n)]
+    pending: list[list[str]] = [[] for _ in range(n)]  # text of rows not yet allowed to print
+    dones: list = [None] * n
+    current = 0  # the row whose text goes to stdout live; later rows wait their turn
+
+    def emit_row_end(row: int) -> None:
+        if n > 1 or sink.stream.isatty():
+            sink.end_line()
+
+    try:
+        for ev in events:
+            kind = type(ev).__name__
+            if kind == "StatusEvent":
+                status.show(ev)
+                continue
+            status.stop()
+            if kind == "TokenEvent":
+                token_events[ev.row].append(ev)
+                if streaming and ev.row == current:
+                    sink.write(ev.text, ev.logprob)
+                else:
+                    pending[ev.row].append(ev.text)
+            elif kind == "DoneEvent":
+                dones[ev.row] = ev
+                # Rows finish in any order; print every finished row up to the first unfinished one.
+                while streaming and current < n and dones[current] is not None:
+                    emit_row_end(current)
+                    current += 1
+                    if current < n:
+                        for e in token_events[current]:
+                            sink.write(e.text, e.logprob)
+                        pending[current].clear()
+    except KeyboardInterrupt:
+        status.stop()
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+        if streaming:
+            sink.end_line()
+        raise
+    finally:
+        status.stop()
+
+    if json_out:
+        for i in range(n):
+            obj = completion_json(texts[i], dones[i], sampling, token_events[i], show_probs=show_probs,
+                                  checkpoint=resolved.checkpoint)
+            sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    elif not stream:
+        for i in range(n):
+            sink.write(dones[i].text)
+            emit_row_end(i)
+    if show_probs and not json_out:
+        for i in range(n):
+            tui.print_probs(token_events[i], title=f"token probabilities{f' (prompt {i + 1})' if n > 1 else ''}")
+    if not quiet:
+        for i in range(n):
+            tui.print_stats(dones[i].stats, dones[i].finish_reason, prefix=f"[{i + 1}] " if n > 1 else "")
+
+
+
+
+def _memory_estimate(cfg, *, batch: int, context: int, model_axis: int, data_axis: int,
+                     cache_bytes_per_value: int = 2) -> dict:
+    """Bytes for weights, KV cache and activations, in total and per device (shapes only).
+
+    TODO(sharding): replace with the planner of grokcli.sharding once it exists; this estimate
+    assumes every large weight splits evenly over the model axis.
+    """
+    import math
+
+    from .params import param_specs
+
+    weights = 0
+    for spec in param_specs(cfg):
+        n = math.prod(spec.shape)
+        weights += n + 2 * math.prod(spec.scales_shape) if spec.quantized else 4 * n
+    kv = 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.key_size * cache_bytes_per_value
+    # Activations: a few residual-width buffers per token of the prefill chunk, plus the logits row.
+    act = batch * context * cfg.emb_size * 4 * 8 + batch * cfg.vocab_size * 4 * 2
+    return {
+        "weights_bytes": weights, "kv_cache_bytes": kv, "activations_bytes": act,
+        "total_bytes": weights + kv + act,
+        "per_device_bytes": weights // model_axis + kv // (model_axis * data_axis) + act // data_axis,
+        "devices": model_axis * data_axis, "batch": batch, "context": context,
+    }
+
+
+@app.command(rich_help_panel="Inspect")
+def info(
+    checkpoint: CheckpointOpt = None,
+    tokenizer: TokenizerOpt = None,
+    model: ModelOpt = None,
+    json_out: JsonOpt = False,
+    memory: Annotated[bool, typer.Option(
+        "--memory", rich_help_panel=_DEVICE_PANEL,
+        help="Show the memory plan per device and whether it fits.")] = False,
+    batch: Annotated[int, typer.Option("--batch", min=1, rich_help_panel=_DEVICE_PANEL,
+                                       help="Batch size for the memory estimate.")] = 1,
+    context: Annotated[Optional[int], typer.Option(
+        "--context", min=1, show_default=False, rich_help_panel=_DEVICE_PANEL,
+        help="Context length for the memory estimate. Default: the model's sequence_len.")] = None,
+    mesh: MeshOpt = None,
+    device_memory: DeviceMemoryOpt = None,
+    no_devices: Annotated[bool, typer.Option(
+        "--no-devices", rich_help_panel=_DEVICE_PANEL,
+        help="Do not start JAX to list devices (faster; the backend is not shown).")] = False,
+    debug: DebugOpt = False,
+    color: ColorOpt = None,
+) -> None:
+    """Show the resolved checkpoint, its config, size, the JAX devices and the memory it needs."""
+    import json
+    import math
+
+    from .config import load_config
+    from .params import param_specs
+
+    opts = ModelOptions(checkpoint=checkpoint, tokenizer=tokenizer, model=model, mesh=mesh,
+                        device_memory=device_memory)
+    resolved = resolve_model(opts)
+    cfg = load_config(resolved.checkpoint)
+    specs = param_specs(cfg)
+    files = sorted(p for p in (resolved.checkpoint / "ckpt-0").iterdir() if p.is_file())
+    disk = sum(p.stat().st_size for p in files)
+    tok_path = resolved.tokenizer or (resolved.checkpoint / "tokenizer.model")
+    ctx_len = context or cfg.sequence_len
+
+    backend, devices = None, []
+    if not no_devices:
+        import jax
+
+        backend = jax.default_backend()
+        devices = [str(d) for d in jax.devices()]
+    if mesh is not None:
+        data_axis, model_axis = parse_mesh(mesh)
+    else:
+        data_axis, model_axis = 1, max(1, len(devices))
+    mem = _memory_estimate(cfg, batch=batch, context=ctx_len, model_axis=model_axis, data_axis=data_axis)
+    device_bytes = parse_bytes(device_memory, "--device-memory") if device_memory else _detected_device_memory()
+    fits = None if device_bytes is None else mem["per_device_bytes"] <= device_bytes
+    info_obj = {
+        "checkpoint": str(resolved.checkpoint),
+        "source": resolved.source,
+        "config": cfg.to_json(),
+        "parameters": sum(math.prod(s.shape) for s in specs),
+        "files_expected": len(specs),
+        "files_found": len(files),
+        "bytes_on_disk": disk,
+        "tokenizer": str(tok_path) if tok_path.is_file() else None,
+        "backend": backend,
+        "devices": devices,
+        "memory": {**mem, "device_memory_bytes": device_bytes, "fits": fits,
+                   "mesh": f"{data_axis}x{model_axis}"},
+    }
+    if json_out:
+        sys.stdout.write(json.dumps(info_obj, indent=2) + "\n")
+        return
+    from . import tui
+
+    tui.print_info(info_obj, show_memory=memory)
+
+
+def _detected_device_memory() -> Optional[int]:
+    """Memory of the first device when JAX can tell (GPUs), else None."""
+    if "jax" not in sys.modules:
+        return None
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - CPU devices have no stats; that is not an error
+        return None
+    return stats.get("bytes_limit") if stats else None
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. download, verify-checkpoint
+# ---------------------------------------------------------------------------------------------
+# Added by the download/verify work: reuse the aliases above (CheckpointOpt, QuietOpt, JsonOpt,
+# DebugOpt, ColorOpt), raise usage_error(...) for bad command lines and GrokError subclasses for
+# failures; GrokGroup turns them into one line and the exit code.
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
 
 def main(argv: Optional[list[str]] = None) -> Any:
     """Console-script entry point (`grok = "grokcli.cli:main"`)."""

@@ -143,3 +143,148 @@ class LoadProgress:
             stderr_console().print(
                 f"[dim]loaded {self.checkpoint} ({format_bytes(self.bytes_done)}, {self.files_done} files) "
                 f"in {seconds:.1f} s, {format_bytes(rate)}/s[/]")
+
+
+def format_seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def stats_line(stats, finish_reason: str, *, prefix: str = "") -> str:
+    """The one-line summary printed after a completion (plain text, no markup)."""
+    peak = format_bytes(stats.peak_memory_bytes) if stats.peak_memory_bytes else "n/a"
+    return (f"{prefix}prompt {stats.prompt_tokens} tok, {stats.prefill_tokens_per_s:.1f} tok/s | "
+            f"first token {format_seconds(stats.time_to_first_token_s)} | "
+            f"generated {stats.generated_tokens} tok, {stats.decode_tokens_per_s:.1f} tok/s | "
+            f"peak mem {peak} | finish: {finish_reason}")
+
+
+def prob_style(logprob: Optional[float]) -> str:
+    """Colour a token by its probability: green likely, yellow unsure, red unlikely."""
+    if logprob is None:
+        return ""
+    p = math.exp(logprob)
+    if p >= 0.7:
+        return "green"
+    if p >= 0.3:
+        return "yellow"
+    return "red"
+
+
+class TextSink:
+    """Writes model text to stdout as it arrives, flushed per token; colour only when allowed."""
+
+    def __init__(self, stream: Optional[IO] = None, *, show_probs: bool = False):
+        self.stream = stream if stream is not None else sys.stdout
+        self.color = _wants_color(self.stream)
+        self.show_probs = show_probs and self.color
+        self.wrote = ""  # the last characters written, to decide on a final newline
+        self._console = _console_for(self.stream) if self.show_probs else None
+
+    def write(self, text: str, logprob: Optional[float] = None) -> None:
+        if not text:
+            return
+        if self._console is not None:
+            self._console.print(Text(text, style=prob_style(logprob)), end="")
+        else:
+            self.stream.write(text)
+        self.stream.flush()
+        self.wrote = (self.wrote + text)[-1:]
+
+    def end_line(self) -> None:
+        """Finish the output with a newline when it does not already end with one."""
+        if self.wrote and self.wrote != "\n":
+            self.stream.write("\n")
+            self.wrote = "\n"
+        self.stream.flush()
+
+
+class StatusDisplay:
+    """Compile / prefill status on stderr: a spinner in a terminal, plain lines otherwise.
+
+    The spinner must stop before any token is written (stdout and stderr often share a terminal).
+    """
+
+    def __init__(self, *, quiet: bool = False):
+        self.quiet = quiet
+        self._status = None
+
+    def show(self, event) -> None:
+        if self.quiet:
+            return
+        console = stderr_console()
+        if event.kind == "compiled":
+            self.stop()
+            took = f" in {format_seconds(event.seconds)}" if event.seconds is not None else ""
+            console.print(f"[dim]{event.message}{took}[/]")
+            return
+        if console.is_terminal:
+            if self._status is None:
+                self._status = console.status(event.message, spinner="dots")
+                self._status.start()
+            else:
+                self._status.update(event.message)
+        elif event.kind == "compiling":
+            console.print(f"[dim]{event.message}[/]")
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
+def print_stats(stats, finish_reason: str, *, prefix: str = "") -> None:
+    stderr_console().print(Text(stats_line(stats, finish_reason, prefix=prefix), style="dim"))
+
+
+def print_probs(records, *, title: str = "token probabilities") -> None:
+    """A table of each generated token's probability and its top alternatives (stderr)."""
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False, box=None, pad_edge=False)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("id", justify="right", style="dim")
+    table.add_column("text")
+    table.add_column("p", justify="right")
+    table.add_column("top alternatives")
+    for i, ev in enumerate(records):
+        p = math.exp(ev.logprob) if ev.logprob is not None else float("nan")
+        alts = ", ".join(f"{t.text!r} {math.exp(t.logprob):.2f}" for t in (ev.top_logprobs or ()))
+        table.add_row(str(i), str(ev.token_id), Text(repr(ev.text)), Text(f"{p:.3f}", style=prob_style(ev.logprob)), alts)
+    stderr_console().print(table)
+
+
+def print_info(info: dict, *, show_memory: bool = False, stream: Optional[IO] = None) -> None:
+    """Render `grok info` (to stdout: it is what the user asked for)."""
+    from rich.table import Table
+
+    console = _console_for(stream if stream is not None else sys.stdout)
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    cfg = info["config"]
+    table.add_row("checkpoint", f"{info['checkpoint']}  ({info['source']})")
+    table.add_row("tokenizer", info["tokenizer"] or "none (pass --tokenizer)")
+    table.add_row("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)")
+    table.add_row("on disk", f"{format_bytes(info['bytes_on_disk'])} in {info['files_found']} files "
+                             f"(expected {info['files_expected']})")
+    table.add_row("architecture",
+                  f"{cfg['num_layers']} layers, emb {cfg['emb_size']}, {cfg['num_q_heads']} q / "
+                  f"{cfg['num_kv_heads']} kv heads x {cfg['key_size']}, {cfg['num_experts']} experts "
+                  f"(top {cfg['num_selected_experts']}), ffn {cfg['ffn_size']}")
+    table.add_row("vocabulary", f"{cfg['vocab_size']:,} (pad {cfg['pad_token']}, eos {cfg['eos_token']})")
+    table.add_row("context", f"{cfg['sequence_len']:,} tokens")
+    if info["backend"] is not None:
+        table.add_row("backend", f"{info['backend']}: {len(info['devices'])} device(s) "
+                                 f"{', '.join(info['devices'][:8])}{' ...' if len(info['devices']) > 8 else ''}")
+    mem = info["memory"]
+    fits = {True: "[green]fits[/]", False: "[red]does not fit[/]", None: "device memory unknown"}[mem["fits"]]
+    table.add_row("memory needed",
+                  f"{format_bytes(mem['total_bytes'])} total, {format_bytes(mem['per_device_bytes'])} per device "
+                  f"on mesh {mem['mesh']} (batch {mem['batch']}, context {mem['context']:,}): {fits}")
+    if show_memory:
+        table.add_row("  weights", format_bytes(mem["weights_bytes"]))
+        table.add_row("  KV cache", format_bytes(mem["kv_cache_bytes"]))
+        table.add_row("  activations", format_bytes(mem["activations_bytes"]))
+        if mem["device_memory_bytes"]:
+            table.add_row("  per device", format_bytes(mem["device_memory_bytes"]))
+    console.print(table)
