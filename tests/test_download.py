@@ -1,0 +1,228 @@
+"""`grok download` against a local fake Hugging Face Hub (tests/fake_hub.py): no network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fake_hub import FakeHub
+from grokcli import download as dl
+
+REPO = "xai-org/grok-1"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TOKENIZER = SHARED / "grok1" / "tokenizer.model"
+
+
+def _tensor_files(folder: str = "ckpt-0", n: int = 4, size: int = 40_000) -> dict[str, bytes]:
+    rng = __import__("random").Random(n)
+    return {f"{folder}/tensor{i:05d}_000": rng.randbytes(size + 7 * i) for i in range(n)}
+
+
+@pytest.fixture
+def tokenizer_bytes() -> bytes:
+    if not TOKENIZER.is_file():
+        pytest.skip(f"shared Grok-1 tokenizer not found at {TOKENIZER}")
+    return TOKENIZER.read_bytes()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Make huggingface_hub write (and so count as resumable) every 8 KiB instead of every 10 MiB."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 8192)
+
+
+def _run(hub: FakeHub, local: Path, **kw) -> dl.DownloadResult:
+    plan = dl.plan_download(REPO, local_dir=local, endpoint=hub.endpoint,
+                            include=kw.pop("include", ()), exclude=kw.pop("exclude", ()))
+    return dl.download(plan, **kw)
+
+
+def test_full_download_renames_hub_folder_and_fetches_tokenizer_from_github(tmp_path, monkeypatch, tokenizer_bytes):
+    # A later Hub revision with the tensors under another folder name and no tokenizer.model.
+    files = _tensor_files("checkpoint") | {"README.md": b"# grok-1\n", ".gitattributes": b"* filter=lfs\n"}
+    with FakeHub(REPO, files, raw={"tokenizer.model": tokenizer_bytes}) as hub:
+        monkeypatch.setenv("GROK_TOKENIZER_URL", hub.raw_url("tokenizer.model"))
+        events: list[dl.DownloadProgress] = []
+        result = _run(hub, tmp_path, on_progress=events.append)
+
+    for path, data in files.items():
+        if path.startswith("checkpoint/"):
+            assert (tmp_path / "ckpt-0" / Path(path).name).read_bytes() == data
+    assert (tmp_path / "tokenizer.model").read_bytes() == tokenizer_bytes
+    assert not (tmp_path / "README.md").exists() and not (tmp_path / "checkpoint").exists()
+    assert sorted(result.fetched) == sorted([f"ckpt-0/tensor{i:05d}_000" for i in range(4)] + ["tokenizer.model"])
+
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["repo_id"] == REPO and manifest["revision"] == hub.commit
+    recorded = {f["path"]: (f["size"], f["sha256"]) for f in manifest["files"]}
+    for path, data in files.items():
+        if path.startswith("checkpoint/"):
+            assert recorded[f"ckpt-0/{Path(path).name}"] == (len(data), hashlib.sha256(data).hexdigest())
+    assert recorded["tokenizer.model"] == (len(tokenizer_bytes), dl.TOKENIZER_SHA256)
+
+    last = events[-1]
+    total = sum(len(d) for p, d in files.items() if p.startswith("checkpoint/")) + len(tokenizer_bytes)
+    assert (last.bytes_done, last.bytes_total, last.files_done, last.files_total) == (total, total, 5, 5)
+
+
+def test_tokenizer_from_the_hub_repo_when_present(tmp_path, tokenizer_bytes):
+    files = _tensor_files() | {"tokenizer.model": tokenizer_bytes}
+    with FakeHub(REPO, files) as hub:
+        _run(hub, tmp_path)
+        assert "tokenizer.model" in hub.downloads()
+    assert (tmp_path / "tokenizer.model").read_bytes() == tokenizer_bytes
+
+
+def test_tokenizer_with_wrong_hash_is_refused(tmp_path, monkeypatch):
+    with FakeHub(REPO, _tensor_files(), raw={"tokenizer.model": b"not the grok tokenizer" * 100}) as hub:
+        monkeypatch.setenv("GROK_TOKENIZER_URL", hub.raw_url("tokenizer.model"))
+        monkeypatch.setattr(dl, "TOKENIZER_SIZE", 2200)
+        plan = dl.plan_download(REPO, local_dir=tmp_path, endpoint=hub.endpoint)
+        with pytest.raises(dl.DownloadError, match="not the pinned"):
+            dl.download(plan)
+    assert not (tmp_path / "tokenizer.model").exists()
+    assert (tmp_path / "ckpt-0" / "tensor00003_000").is_file()  # the rest still arrived
+
+
+def test_connection_dropped_mid_file_resumes_with_range_and_identical_bytes(tmp_path, small_chunks, tokenizer_bytes):
+    files = _tensor_files(size=100_000) | {"tokenizer.model": tokenizer_bytes}
+    victim = "ckpt-0/tensor00002_000"
+    with FakeHub(REPO, files) as hub:
+        hub.drop_after[victim] = 50_000
+        _run(hub, tmp_path)
+        gets = [r for r in hub.requests if r[0] == "GET" and r[1] == f"/blobs/{hashlib.sha256(files[victim]).hexdigest()}"]
+    assert (tmp_path / victim).read_bytes() == files[victim]
+    # The second request continued where the dropped one stopped (a multiple of the write chunk).
+    assert len(gets) == 2 and gets[0][2] is None
+    resumed_at = int(gets[1][2].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= 50_000
+
+
+def test_interrupted_run_restarts_and_fetches_only_what_is_missing(tmp_path, tokenizer_bytes):
+    files = _tensor_files() | {"tokenizer.model": tokenizer_bytes}
+    victim = "ckpt-0/tensor00001_000"
+    with FakeHub(REPO, files) as hub:
+        hub.fail_status[victim] = 500
+        with pytest.raises(dl.DownloadError, match=r"1 of 5 files failed.*run the same command again"):
+            _run(hub, tmp_path)
+        assert not (tmp_path / victim).exists()
+        assert not list((tmp_path / ".cache").rglob("*.incomplete"))
+        complete = {p: (tmp_path / p).stat().st_mtime_ns for p in files if p != victim}
+
+        del hub.fail_status[victim]
+        hub.requests.clear()
+        result = _run(hub, tmp_path)
+        assert result.fetched == (victim,)
+        assert hub.downloads() == [victim]
+    for p, data in files.items():
+        assert (tmp_path / p).read_bytes() == data
+    assert {p: (tmp_path / p).stat().st_mtime_ns for p in complete} == complete  # untouched
+
+
+def test_truncated_local_file_is_fetched_again(tmp_path, tokenizer_bytes):
+    files = _tensor_files() | {"tokenizer.model": tokenizer_bytes}
+    with FakeHub(REPO, files) as hub:
+        _run(hub, tmp_path)
+        victim = tmp_path / "ckpt-0/tensor00000_000"
+        victim.write_bytes(victim.read_bytes()[:-10])
+        plan = dl.plan_download(REPO, local_dir=tmp_path, endpoint=hub.endpoint)
+        assert [f.path for f in plan.to_fetch] == ["ckpt-0/tensor00000_000"]
+        dl.download(plan)
+    assert victim.read_bytes() == files["ckpt-0/tensor00000_000"]
+
+
+def test_dry_run_plan_fetches_nothing_and_writes_nothing(tmp_path, tokenizer_bytes):
+    files = _tensor_files() | {"tokenizer.model": tokenizer_bytes}
+    local = tmp_path / "grok"
+    with FakeHub(REPO, files) as hub:
+        plan = dl.plan_download(REPO, local_dir=local, endpoint=hub.endpoint)
+        assert hub.downloads() == []
+        assert all(method == "GET" and path.startswith("/api/") for method, path, _ in hub.requests)
+    assert not local.exists()
+    assert len(plan.to_fetch) == 5
+    assert plan.bytes_to_fetch == sum(len(d) for d in files.values())
+
+
+def test_include_exclude_select_files(tmp_path, tokenizer_bytes):
+    files = _tensor_files() | {"tokenizer.model": tokenizer_bytes}
+    with FakeHub(REPO, files) as hub:
+        plan = dl.plan_download(REPO, local_dir=tmp_path, endpoint=hub.endpoint,
+                                include=["ckpt-0/*"], exclude=["*tensor00003_000"])
+        dl.download(plan)
+        assert sorted(hub.downloads()) == [f"ckpt-0/tensor{i:05d}_000" for i in range(3)]
+        with pytest.raises(dl.DownloadError, match="select none"):
+            dl.plan_download(REPO, local_dir=tmp_path, endpoint=hub.endpoint, include=["nothing*"])
+    # The manifest still describes the whole checkpoint, so verification sees what is missing.
+    manifest = dl.read_manifest(tmp_path / "manifest.json")
+    assert {e.path for e in manifest.files} == {f"ckpt-0/tensor{i:05d}_000" for i in range(4)} | {"tokenizer.model"}
+
+
+def test_disk_space_check_refuses_unless_forced(tmp_path, tokenizer_bytes):
+    files = _tensor_files() | {"tokenizer.model": tokenizer_bytes}
+    with FakeHub(REPO, files) as hub:
+        plan = dl.plan_download(REPO, local_dir=tmp_path / "grok", endpoint=hub.endpoint)
+        asked = []
+
+        def tiny_disk(path: Path) -> int:
+            asked.append(path)
+            return 1000
+
+        with pytest.raises(dl.DownloadError, match=r"not enough disk space.*--force"):
+            dl.download(plan, free_space=tiny_disk)
+        assert hub.downloads() == [] and not (tmp_path / "grok").exists()
+        assert asked == [tmp_path / "grok"]
+        dl.download(plan, free_space=tiny_disk, force=True)
+    assert (tmp_path / "grok" / "ckpt-0" / "tensor00000_000").is_file()
+
+
+def test_space_check_counts_only_missing_bytes(tmp_path, tokenizer_bytes):
+    files = _tensor_files() | {"tokenizer.model": tokenizer_bytes}
+    with FakeHub(REPO, files) as hub:
+        _run(hub, tmp_path, exclude=["*tensor00000_000"])
+        plan = dl.plan_download(REPO, local_dir=tmp_path, endpoint=hub.endpoint)
+        missing = len(files["ckpt-0/tensor00000_000"])
+        assert plan.bytes_to_fetch == missing
+        dl.download(plan, free_space=lambda p: missing)  # exactly enough
+
+
+def test_hub_errors_are_one_line(tmp_path):
+    with FakeHub(REPO, _tensor_files()) as hub:
+        with pytest.raises(dl.DownloadError, match="repository nobody/nothing not found"):
+            dl.plan_download("nobody/nothing", local_dir=tmp_path, endpoint=hub.endpoint)
+        with pytest.raises(dl.DownloadError, match="revision 'v9' not found"):
+            dl.plan_download(REPO, revision="v9", local_dir=tmp_path, endpoint=hub.endpoint)
+    with FakeHub(REPO, {"README.md": b"x"}) as hub:
+        with pytest.raises(dl.DownloadError, match="no checkpoint tensor files"):
+            dl.plan_download(REPO, local_dir=tmp_path, endpoint=hub.endpoint)
+
+
+def test_hf_endpoint_env_is_honoured(tmp_path, monkeypatch, tokenizer_bytes):
+    with FakeHub(REPO, _tensor_files() | {"tokenizer.model": tokenizer_bytes}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        plan = dl.plan_download(REPO, local_dir=tmp_path)
+        assert plan.endpoint == hub.endpoint and plan.revision == hub.commit
+
+
+def test_manifest_reader_rejects_corruption(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"files": [{"path": "a", "size": "big"}]}')
+    with pytest.raises(dl.CheckpointError, match="corrupted manifest"):
+        dl.read_manifest(tmp_path / "manifest.json")
+    (tmp_path / "manifest.json").write_text('{"files": [')
+    with pytest.raises(dl.CheckpointError, match="not valid JSON"):
+        dl.read_manifest(tmp_path / "manifest.json")
+
+
+def test_sha256sums_is_read_as_a_manifest(tmp_path):
+    digest = hashlib.sha256(b"x").hexdigest()
+    (tmp_path / "SHA256SUMS").write_text(f"{digest}  ./ckpt-0/tensor00000_000\n{digest.upper()} *tokenizer.model\n")
+    m = dl.read_sha256sums(tmp_path / "SHA256SUMS")
+    assert [(e.path, e.sha256) for e in m.files] == [("ckpt-0/tensor00000_000", digest), ("tokenizer.model", digest)]
+    (tmp_path / "SHA256SUMS").write_text("garbage\n")
+    with pytest.raises(dl.CheckpointError, match="not a sha256sum line"):
+        dl.read_sha256sums(tmp_path / "SHA256SUMS")
