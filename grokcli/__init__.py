@@ -1,3 +1,43 @@
-"""grokcli: run xAI's Grok-1 (and any model of its architecture) from Python or the `grok` command."""
+"""grokcli: run xAI's Grok-1 (and any model of its architecture) from Python or the `grok` command.
+
+    model, tokenizer = grokcli.load("path/to/checkpoint")
+    for event in grokcli.stream_generate(model, tokenizer, "The answer is", max_tokens=32):
+        ...
+
+Heavy modules (jax) are imported on first use, so `import grokcli` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .config import GROK_1, ModelConfig, load_config
+from .errors import CheckpointError, ConfigError, GrokError, PromptTooLongError, TokenizerError
+from .events import Completion, DoneEvent, GenerationStats, StatusEvent, TokenEvent, TopLogprob
+from .sampling import SamplingParams
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "load": "loader",
+    "Model": "loader",
+    "stream_generate": "generate",
+    "stream_generate_batch": "generate",
+    "generate": "generate",
+    "generate_batch": "generate",
+    "enable_compile_cache": "runtime",
+}
+
+__all__ = [
+    "GROK_1", "ModelConfig", "load_config", "SamplingParams",
+    "GrokError", "ConfigError", "CheckpointError", "TokenizerError", "PromptTooLongError",
+    "Completion", "DoneEvent", "GenerationStats", "StatusEvent", "TokenEvent", "TopLogprob",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'grokcli' has no attribute {name!r}")

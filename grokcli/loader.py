@@ -1,0 +1,117 @@
+"""`load(path)`: a checkpoint directory -> a Model on the local devices, plus its tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig, load_config
+from .errors import CheckpointError, TokenizerError
+from .params import ParamSpec, assemble, param_specs
+from .quant import QuantizedWeight
+
+Progress = Callable[[int, int, int, int], None]  # (bytes_done, bytes_total, files_done, files_total)
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: config, parameters on device, and the compiled functions that use them."""
+
+    config: ModelConfig
+    params: dict
+    dtype: jnp.dtype  # activation dtype (f32 on CPU, bf16 on accelerators)
+    mesh: object = None  # a jax.sharding.Mesh when sharded over several devices
+    path: Path | None = None
+    # Compiled executables keyed by (kind, shapes): generation reuses them across requests.
+    compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def logits(self, tokens) -> np.ndarray:
+        """Full-sequence logits `[B, T, vocab]` (float32 numpy) for int tokens `[B, T]`, no cache."""
+        from . import model as model_fn
+
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be an integer array [batch, time], got {tokens.dtype} {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        key = ("logits", tokens.shape)
+        if key not in self.compiled:
+            cfg, dtype = self.config, self.dtype
+            self.compiled[key] = jax.jit(lambda p, t: model_fn.logits(p, t, cfg, dtype=dtype))
+        return np.asarray(self.compiled[key](self.params, jnp.asarray(tokens, jnp.int32)), np.float32)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(int(np.prod(s.shape)) for s in param_specs(self.config))
+
+
+def resolve_tokenizer_path(checkpoint_dir: Path, tokenizer: str | Path | None) -> Path | None:
+    """The tokenizer to use: the one given, else `tokenizer.model` in the checkpoint dir, else None."""
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer not found: {path}")
+        return path
+    candidate = checkpoint_dir / "tokenizer.model"
+    return candidate if candidate.is_file() else None
+
+
+def to_device_leaf(spec: ParamSpec, leaf, dtype, place=None):
+    """Host leaf -> device leaf: int8 weights stay int8, scales become f32 (exact for bf16).
+
+    `place(spec, array, part)` puts one array on the devices (`part` is "weight", "scales" or
+    "plain"); the default puts it on the default device.
+    """
+    place = place or (lambda spec, arr, part: jax.device_put(arr))
+    if isinstance(leaf, QuantizedWeight):
+        return QuantizedWeight(place(spec, np.asarray(leaf.weight), "weight"),
+                               place(spec, np.asarray(leaf.scales).astype(np.float32), "scales"))
+    arr = np.asarray(leaf)
+    if spec.name == "embed" and jnp.dtype(dtype) != jnp.float32:
+        arr = arr.astype(jnp.dtype(dtype))  # the reference casts embeddings to bf16 anyway
+    return place(spec, arr, "plain")
+
+
+def load(path: str | Path, tokenizer: str | Path | None = None, *, progress: Progress | None = None,
+         dtype=None, workers: int | None = None, mesh=None):
+    """Load a checkpoint directory (`ckpt-0/`, optional `config.json` and `tokenizer.model`).
+
+    Returns `(model, tokenizer)`; the tokenizer is None when there is none to load.
+    The config is checked against the tensors' shapes before any large file is read.
+    """
+    from . import checkpoint
+    from .model import compute_dtype_for_backend
+    from .tokenizer import Tokenizer, check_tokenizer
+
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {root}")
+    cfg = load_config(root)
+    tok_path = resolve_tokenizer_path(root, tokenizer)
+    tok = None
+    if tok_path is not None:
+        tok = Tokenizer.load(tok_path)
+        check_tokenizer(tok, cfg)
+    checkpoint.check_checkpoint_shapes(root, cfg)
+    dtype = dtype or compute_dtype_for_backend()
+
+    specs = param_specs(cfg)
+    sizes = checkpoint.file_sizes(root, cfg)
+    total_bytes, done_bytes, done_files = sum(sizes.values()), 0, 0
+    if progress:
+        progress(0, total_bytes, 0, len(specs))
+    leaves = {}
+    for spec, leaf in checkpoint.iter_leaves(root, cfg, workers=workers):
+        leaves[(spec.name, spec.layer)] = to_device_leaf(spec, leaf, dtype)
+        del leaf
+        done_bytes += sizes[spec]
+        done_files += 1
+        if progress:
+            progress(done_bytes, total_bytes, done_files, len(specs))
+    params = assemble(cfg, leaves)
+    return Model(config=cfg, params=params, dtype=dtype, mesh=mesh, path=root), tok
