@@ -106,6 +106,7 @@ class Tokenizer:
 
     def is_byte(self, token_id: int) -> bool:
         """Whether the id is a byte-fallback piece like <0xE2>."""
+        self._check_id(token_id)
         return self._byte_of[token_id] >= 0
 
     def token_text(self, token_id: int) -> str:
