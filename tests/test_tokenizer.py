@@ -181,7 +181,7 @@ TEXT = st.text(ALPHABET, max_size=40)
 def token_ids(draw, tok: Tokenizer):
     """Random id sequences weighted towards the tricky ones: control/unk ids, byte pieces, a lone
     "▁", pieces with a leading "▁", and raw byte spellings of valid multi-byte characters."""
-    byte_ids = [i for i in range(tok.vocab_size) if tok.is_byte(i)]
+    byte_ids = [byte_id(tok, b) for b in range(256)]
     specials = [0, 1, 2, 3, tok._sp.piece_to_id("▁"), tok._sp.piece_to_id("▁Hello"), 4]
     one = st.one_of(
         st.sampled_from(specials),
