@@ -113,13 +113,16 @@ class GrokGroup(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         from typer._click import exceptions as click_exc
 
-        _state.debug = bool(os.environ.get("GROK_DEBUG"))
+        # Fresh switches for every invocation (tests run many in one process).
+        _state.debug, _state.color = bool(os.environ.get("GROK_DEBUG")), "auto"
+        if "grokcli.tui" in sys.modules:
+            sys.modules["grokcli.tui"].set_color_mode("auto")
         try:
             rv = super().main(args=args, prog_name=prog_name or "grok", complete_var=complete_var,
                               standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
         except click_exc.NoArgsIsHelpError as exc:
-            exc.show()  # `grok` alone: the help, on stderr, exit 2 as click does
+            exc.show()  # `grok` alone: the help, exit 2 as click does
             code = EXIT_USAGE
         except typer.Abort:
             code = EXIT_INTERRUPTED
@@ -440,12 +443,15 @@ def parse_bytes(text: str, option: str) -> int:
     return int(value)
 
 
-def load_model(opts: ModelOptions, *, quiet: bool = False):
+def load_model(opts: ModelOptions, *, quiet: bool = False, need_tokenizer: bool = True):
     """Resolve, prepare the runtime and load the model with a progress display on stderr.
 
     Returns (model, tokenizer, resolved).
     """
     resolved = resolve_model(opts)
+    if need_tokenizer and resolved.tokenizer is None and not (resolved.checkpoint / "tokenizer.model").is_file():
+        # Say so before reading hundreds of gigabytes.
+        raise usage_error(f"no tokenizer: {resolved.checkpoint} has no tokenizer.model; pass --tokenizer PATH")
     setup_runtime(opts, quiet=quiet)
     import grokcli
 
@@ -563,6 +569,11 @@ def completion_json(prompt: str, done, sampling: SamplingParams, token_events, *
     return out
 
 
+class Truncate(str, enum.Enum):
+    none = "none"
+    left = "left"
+
+
 @app.command(rich_help_panel="Generate")
 def complete(
     prompt: PromptArg = None,
@@ -584,9 +595,10 @@ def complete(
     max_tokens: MaxTokensOpt = _SP.max_tokens,
     stop: StopOpt = None,
     ignore_eos: IgnoreEosOpt = False,
-    truncate: Annotated[bool, typer.Option(
-        "--truncate", rich_help_panel=_MODEL_PANEL,
-        help="When the prompt is longer than the context, drop its oldest tokens instead of failing.")] = False,
+    truncate: Annotated[Truncate, typer.Option(
+        "--truncate", case_sensitive=False, rich_help_panel=_MODEL_PANEL,
+        help="A prompt longer than the context: 'none' fails and says the lengths, "
+             "'left' drops its oldest tokens.")] = Truncate.none,
     no_stream: Annotated[bool, typer.Option(
         "--no-stream", rich_help_panel=_OUTPUT_PANEL, help="Print the text once, at the end.")] = False,
     json_out: JsonOpt = False,
@@ -606,8 +618,7 @@ def complete(
 ) -> None:
     """Continue a prompt, streaming the model's text to stdout.
 
-    Grok-1 is a base model: it continues text rather than answering questions. Progress, status
-    and a one-line stats summary go to stderr (--quiet hides them).
+    Grok-1 is a base model: it continues text rather than answering questions. Progress, status and a one-line stats summary go to stderr (--quiet hides them).
     """
     texts = _read_prompts(prompt, prompts, file)
     sampling = make_sampling(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
@@ -618,7 +629,8 @@ def complete(
     lm, tok, resolved = load_model(opts, quiet=quiet)
     if tok is None:
         raise usage_error(f"no tokenizer: {resolved.checkpoint} has no tokenizer.model; pass --tokenizer PATH")
-    _run_completions(lm, tok, texts, sampling, resolved=resolved, truncate=truncate, stream=not no_stream,
+    _run_completions(lm, tok, texts, sampling, resolved=resolved, truncate=truncate == Truncate.left,
+                     stream=not no_stream,
                      json_out=json_out, show_probs=show_probs, quiet=quiet)
 
 
@@ -637,9 +649,7 @@ def _run_completions(lm, tok, texts: list[str], sampling: SamplingParams, *, res
     if n == 1:
         events = grokcli.stream_generate(lm, tok, texts[0], sampling, truncate="left" if truncate else None)
     else:
-        if truncate:
-            raise usage_error("--truncate works with a single prompt only")
-        events = grokcli.stream_generate_batch(lm, tok, texts, sampling)
+        events = grokcli.stream_generate_batch(lm, tok, texts, sampling, truncate="left" if truncate else None)
     streaming = stream and not json_out
     token_events: list[list] = [[] for _ in range(n)]
     pending: list[list[str]] = [[] for _ in range(n)]  # text of rows not yet allowed to print
@@ -678,9 +688,10 @@ def _run_completions(lm, tok, texts: list[str], sampling: SamplingParams, *, res
         close = getattr(events, "close", None)
         if close is not None:
             close()
-        if streaming:
+        if streaming and _isatty(sink.stream):
             sink.end_line()
-        raise
+        tui.stderr_console().print("interrupted")
+        raise  # typer turns it into exit code 130
     finally:
         status.stop()
 
@@ -702,6 +713,57 @@ def _run_completions(lm, tok, texts: list[str], sampling: SamplingParams, *, res
             tui.print_stats(dones[i].stats, dones[i].finish_reason, prefix=f"[{i + 1}] " if n > 1 else "")
 
 
+
+
+class Template(str, enum.Enum):
+    document = "document"
+    chat = "chat"
+
+
+@app.command(rich_help_panel="Generate")
+def repl(
+    checkpoint: CheckpointOpt = None,
+    tokenizer: TokenizerOpt = None,
+    model: ModelOpt = None,
+    template: Annotated[Template, typer.Option(
+        "--template", "-t", case_sensitive=False, rich_help_panel=_OUTPUT_PANEL,
+        help="document: every input is appended to one growing text that the model continues. "
+             "chat: a 'Human: ... / Assistant: ...' conversation that stops at the next 'Human:' turn.")
+    ] = Template.document,
+    temp: TempOpt = _SP.temperature,
+    top_k: TopKOpt = _SP.top_k,
+    top_p: TopPOpt = _SP.top_p,
+    min_p: MinPOpt = _SP.min_p,
+    repeat_penalty: RepeatPenaltyOpt = _SP.repetition_penalty,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = _SP.max_tokens,
+    stop: StopOpt = None,
+    ignore_eos: IgnoreEosOpt = False,
+    quiet: QuietOpt = False,
+    mesh: MeshOpt = None,
+    coordinator: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
+    device_memory: DeviceMemoryOpt = None,
+    no_compile_cache: NoCompileCacheOpt = False,
+    debug: DebugOpt = False,
+    color: ColorOpt = None,
+) -> None:
+    """An interactive session: the model is loaded once, then every input is continued.
+
+    Up/Down and Ctrl-R search the history; Alt-Enter inserts a newline and \"\"\" opens a multi-line block; Tab completes /commands. Ctrl-C stops a generation, Ctrl-D or /exit leaves; /help lists the commands.
+    """
+    from . import repl as repl_mod
+
+    sampling = make_sampling(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                             seed=seed, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos)
+    opts = model_options(checkpoint, tokenizer, model, mesh, coordinator, num_processes, process_id,
+                         device_memory, no_compile_cache)
+    lm, tok, resolved = load_model(opts, quiet=quiet)
+    if tok is None:
+        raise usage_error(f"no tokenizer: {resolved.checkpoint} has no tokenizer.model; pass --tokenizer PATH")
+    session = repl_mod.ReplSession(lm, tok, sampling, template=template.value, quiet=quiet)
+    repl_mod.run_repl(session)
 
 
 def _memory_estimate(cfg, *, batch: int, context: int, model_axis: int, data_axis: int,

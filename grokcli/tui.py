@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 _color_mode = "auto"  # auto | always | never (set by --color)
-_consoles: dict[str, Console] = {}
+_stderr: list = [None, None]  # (stream, console): rebuilt when sys.stderr is replaced (tests do)
 
 
 def set_color_mode(mode: str) -> None:
@@ -27,7 +27,7 @@ def set_color_mode(mode: str) -> None:
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"color mode must be auto, always or never, got {mode!r}")
     _color_mode = mode
-    _consoles.clear()
+    _stderr[:] = [None, None]
 
 
 def color_mode() -> str:
@@ -63,10 +63,9 @@ def _console_for(stream: IO) -> Console:
 
 def stderr_console() -> Console:
     """The console for progress, status, stats and errors (stderr; created per stream object)."""
-    key = f"err:{id(sys.stderr)}:{_color_mode}"
-    if key not in _consoles:
-        _consoles[key] = _console_for(sys.stderr)
-    return _consoles[key]
+    if _stderr[0] is not sys.stderr:
+        _stderr[:] = [sys.stderr, _console_for(sys.stderr)]
+    return _stderr[1]
 
 
 def stderr_is_terminal() -> bool:
