@@ -190,14 +190,12 @@ class _QuantizedStub:
 class _Source:
     """What the parser reads from: small reads are served, large payloads are skipped."""
 
-    def __init__(self, read, skip, tell, size: int):
+    def __init__(self, read, readline, skip, tell, size: int):
         self.read = read
+        self.readline = readline  # for protocol-0 opcodes (GLOBAL, ...), which reach find_class
         self.skip = skip  # (length) -> offset, advancing past the payload
         self.tell = tell
         self.size = size
-
-    def readline(self):
-        _refuse("text-mode pickle opcodes are not part of the checkpoint format")
 
 
 def _memory_source(view: memoryview) -> _Source:
@@ -209,6 +207,13 @@ def _memory_source(view: memoryview) -> _Source:
         pos += len(data)
         return data
 
+    def readline() -> bytes:
+        nonlocal pos
+        end = bytes(view[pos:pos + 4096]).find(b"\n")  # no legitimate line is longer
+        data = view[pos:pos + end + 1 if end >= 0 else pos + 4096].tobytes()
+        pos += len(data)
+        return data
+
     def skip(n: int) -> int:
         nonlocal pos
         start = pos
@@ -217,7 +222,7 @@ def _memory_source(view: memoryview) -> _Source:
         pos += n
         return start
 
-    return _Source(read, skip, lambda: pos, len(view))
+    return _Source(read, readline, skip, lambda: pos, len(view))
 
 
 def _file_source(f: BinaryIO, size: int) -> _Source:
@@ -230,7 +235,7 @@ def _file_source(f: BinaryIO, size: int) -> _Source:
         f.seek(n, os.SEEK_CUR)
         return offset - start
 
-    return _Source(f.read, skip, lambda: f.tell() - start, size - start)
+    return _Source(f.read, lambda: f.readline(4096), skip, lambda: f.tell() - start, size - start)
 
 
 def _truncated(offset: int, length: int, size: int):
@@ -238,13 +243,13 @@ def _truncated(offset: int, length: int, size: int):
                    f"the file ({size} bytes)")
 
 
-# Opcodes that cannot appear in the release's streams and that we therefore refuse outright,
-# whatever find_class would say: persistent ids, the copyreg extension registry, and the
-# protocol-5 out-of-band buffer opcodes.
+# Opcodes that cannot appear in the release's streams and that we therefore refuse outright:
+# persistent ids, the copyreg extension registry, and protocol-5 out-of-band buffers. Old
+# protocol-0/1 opcodes (GLOBAL, INST, OBJ) stay: they go through find_class like STACK_GLOBAL,
+# so a refusal names the global.
 _REFUSED_OPCODES = {
     pickle.PERSID: "persistent id", pickle.BINPERSID: "persistent id",
     pickle.EXT1: "extension code", pickle.EXT2: "extension code", pickle.EXT4: "extension code",
-    pickle.INST: "INST", pickle.OBJ: "OBJ", pickle.GLOBAL: "text GLOBAL",
     b"\x97": "NEXT_BUFFER", b"\x98": "READONLY_BUFFER",
 }
 
