@@ -46,7 +46,7 @@ def test_guide_mentions_only_real_options():
     from grokcli.cli import app
 
     group = get_command(app)
-    known = {o for p in group.params for o in p.opts}
+    known = {o for p in group.params for o in p.opts} | {"--help"}
     for cmd in group.commands.values():
         known |= {o for p in cmd.params for o in list(p.opts) + list(getattr(p, "secondary_opts", []))}
     guide = (DOCS / "guide.md").read_text()
