@@ -570,3 +570,25 @@ def test_layer_names_in_errors_match_the_reference_paths():
     spec = _spec(GROK_1, "w_gate", layer=3)
     assert spec.where == "layer 3 moe/linear"
     assert re.fullmatch(r"params/transformer/decoder_layer_3/moe/linear/w", spec.path)
+
+
+def test_full_grok1_layout_is_checked_in_seconds(tmp_path):
+    """770 sparse files with the real sizes (~300 GB apparent, ~13 MB on disk)."""
+    import time
+
+    from grokcli.checkpoint import write_sparse_checkpoint
+
+    d = write_sparse_checkpoint(tmp_path, GROK_1)
+    files = sorted((d / "ckpt-0").iterdir())
+    assert len(files) == 770
+    assert sum(f.stat().st_size for f in files) == REAL_TOTAL
+    start = time.perf_counter()
+    headers = check_checkpoint_shapes(d, GROK_1)
+    assert time.perf_counter() - start < 10
+    assert headers[26].weight.shape == (8, 6144, 32768)
+    with pytest.raises(ConfigError, match="^layer 0 moe/linear has 8 experts, config says 4 "):
+        check_checkpoint_shapes(d, ModelConfig(**{**GROK_1.__dict__, "num_experts": 4}))
+    with pytest.raises(ConfigError, match="which is a 64-layer model; the config says num_layers=63"):
+        check_checkpoint_shapes(d, ModelConfig(**{**GROK_1.__dict__, "num_layers": 63}))
+    router = read_leaf(files[13], param_specs(GROK_1)[13])
+    assert router.shape == (6144, 8) and not router.any()

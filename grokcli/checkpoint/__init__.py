@@ -9,11 +9,11 @@ from .reader import (check_checkpoint_shapes, iter_leaves, read_checkpoint, read
                      resolve_checkpoint_dir, tensor_path, validate_leaf)
 from .unpickle import ArrayHeader, LeafHeader, load_leaf, parse_header, read_header
 from .writer import (dump_leaf, dumps_leaf, expected_file_size, random_params,
-                     write_checkpoint)
+                     write_checkpoint, write_sparse_checkpoint)
 
 __all__ = [
     "load_leaf", "read_header", "parse_header", "LeafHeader", "ArrayHeader",
     "read_leaf", "validate_leaf", "check_checkpoint_shapes", "iter_leaves", "read_checkpoint",
     "resolve_checkpoint_dir", "tensor_path",
-    "write_checkpoint", "dump_leaf", "dumps_leaf", "expected_file_size", "random_params",
+    "write_checkpoint", "write_sparse_checkpoint", "dump_leaf", "dumps_leaf", "expected_file_size", "random_params",
 ]

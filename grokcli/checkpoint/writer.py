@@ -199,14 +199,49 @@ def expected_file_size(spec: ParamSpec) -> int:
     Computed by running the writer's pickler over the leaf's structure without its data, so it
     holds for every shape: it gives the real Grok-1 sizes (embeddings 3,221,225,637 B, ...).
     """
-    if spec.quantized:
-        ref = _QuantRef(_ArrayRef(spec.shape, np.dtype(np.int8), None),
-                        _ArrayRef(spec.scales_shape, _BF16, None))
-    else:
-        ref = _ArrayRef(spec.shape, np.dtype(np.float32), None)
     sink = _CountingSink()
-    _ReleasePickler(sink).dump(ref)
+    _ReleasePickler(sink).dump(_spec_ref(spec))
     return sink.n
+
+
+def _spec_ref(spec: ParamSpec) -> _ArrayRef | _QuantRef:
+    """The leaf structure of `spec` with no data (payloads become zeros)."""
+    if spec.quantized:
+        return _QuantRef(_ArrayRef(spec.shape, np.dtype(np.int8), None),
+                         _ArrayRef(spec.scales_shape, _BF16, None))
+    return _ArrayRef(spec.shape, np.dtype(np.float32), None)
+
+
+class _SparseSink:
+    """Writes small data; seeks over large zero payloads, leaving holes in the file."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+
+    def write(self, data) -> int:
+        if isinstance(data, _Zeros):
+            self.f.seek(len(data), os.SEEK_CUR)
+            return len(data)
+        return self.f.write(data)
+
+
+def write_sparse_checkpoint(out_dir: str | Path, cfg: ModelConfig) -> Path:
+    """A checkpoint of `cfg` whose large payloads are holes (zeros) in sparse files.
+
+    Every file has the release's exact structure and size (`expected_file_size`) while the disk
+    holds little more than the headers: for testing checks and tools on Grok-1-sized layouts.
+    """
+    out = Path(out_dir)
+    ckpt = out / "ckpt-0"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    for i, spec in enumerate(param_specs(cfg)):
+        def write(f, spec=spec):
+            _ReleasePickler(_SparseSink(f)).dump(_spec_ref(spec))
+            f.truncate()
+        _write_atomic(ckpt / f"tensor{i:05d}_000", write)
+    text = json.dumps(cfg.to_json(), indent=1) + "\n"
+    _write_atomic(out / "config.json", lambda f: f.write(text.encode()))
+    return out
 
 
 def _write_atomic(path: Path, write) -> None:
