@@ -208,9 +208,13 @@ class StatusDisplay:
         self._status = None
 
     def show(self, event) -> None:
-        if self.quiet:
+        if self.quiet and event.kind != "truncated":
             return
         console = stderr_console()
+        if event.kind == "truncated":
+            self.stop()
+            console.print(f"[yellow]{event.message}[/]")
+            return
         if event.kind == "compiled":
             self.stop()
             took = f" in {format_seconds(event.seconds)}" if event.seconds is not None else ""
