@@ -396,10 +396,11 @@ def _git_blob_id(path: Path) -> str:
 
 def download(plan: DownloadPlan, *, force: bool = False, max_workers: int = 8,
              on_progress: Callable[[DownloadProgress], None] | None = None,
-             free_space: Callable[[Path], int] = free_bytes, token: str | bool | None = None) -> DownloadResult:
+             free_space: Callable[[Path], int] | None = None, token: str | bool | None = None) -> DownloadResult:
     """Fetch the plan's missing files into its local directory and write the manifest.
 
-    Refuses (DownloadError) when the missing bytes do not fit on the disk, unless `force`.
+    Refuses (DownloadError) when the missing bytes do not fit on the disk, unless `force`;
+    `free_space(dir)` says how many bytes are free (default: `free_bytes`).
     Complete files are moved into place atomically, so an interrupted run loses nothing already
     complete and the same call continues where it stopped. Raises DownloadError naming the files
     that failed after fetching every other one.
@@ -408,7 +409,7 @@ def download(plan: DownloadPlan, *, force: bool = False, max_workers: int = 8,
     todo = plan.to_fetch
     need = plan.bytes_to_fetch
     if need and not force:
-        free = free_space(plan.local_dir)
+        free = (free_space or free_bytes)(plan.local_dir)
         if free < need:
             raise DownloadError(f"not enough disk space in {plan.local_dir}: {_gib(need)} still to download, "
                                 f"{_gib(free)} free (free some space, choose --local-dir, or --force)")

@@ -241,7 +241,7 @@ def _load_manifest(directory: Path, expected: list[str], problems: list[Problem]
     try:
         if path.exists():
             m = read_manifest(path)
-            where = f"{MANIFEST_NAME} ({m.repo_id}@{m.revision})" if m.repo_id else MANIFEST_NAME
+            where = f"{MANIFEST_NAME} ({m.repo_id}@{(m.revision or '?')[:12]})" if m.repo_id else MANIFEST_NAME
             return m, where
         if sums.exists():
             return _align_paths(read_sha256sums(sums), expected), SHA256SUMS_NAME

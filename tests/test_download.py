@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fake_hub import FakeHub
@@ -226,3 +227,94 @@ def test_sha256sums_is_read_as_a_manifest(tmp_path):
     (tmp_path / "SHA256SUMS").write_text("garbage\n")
     with pytest.raises(dl.CheckpointError, match="not a sha256sum line"):
         dl.read_sha256sums(tmp_path / "SHA256SUMS")
+
+
+# -- end to end: the project's writer -> fake Hub -> `grok download` -> verify -> load --------
+
+
+@pytest.fixture
+def published_checkpoint(tmp_path) -> dict[str, bytes]:
+    """A tiny checkpoint written by the project's writer, as the files of a Hub repo."""
+    from test_verify import CFG, train_tokenizer
+
+    from grokcli.checkpoint import random_params, write_checkpoint
+
+    src = tmp_path / "published"
+    (tmp_path / "tok.model").write_bytes(train_tokenizer(CFG.vocab_size))
+    write_checkpoint(src, random_params(CFG, seed=3), CFG, tokenizer_path=tmp_path / "tok.model")
+    files = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    return files | {"README.md": b"# tiny\n"}
+
+
+def _cli(*args, env=None):
+    from typer.testing import CliRunner
+
+    from grokcli import cli
+
+    return CliRunner().invoke(cli.app, list(args), env={"GROK_CONSOLE_WIDTH": "200", **(env or {})},
+                              catch_exceptions=False)
+
+
+def test_cli_download_then_verify_then_load(tmp_path, published_checkpoint):
+    from test_verify import CFG
+
+    from grokcli.checkpoint import load_leaf, read_checkpoint
+    from grokcli.config import load_config
+    from grokcli.params import param_specs
+
+    dest = tmp_path / "grok"
+    with FakeHub(REPO, published_checkpoint) as hub:
+        env = {"HF_ENDPOINT": hub.endpoint}
+        dry = _cli("download", "--local-dir", str(dest), "--dry-run", env=env)
+        assert dry.exit_code == 0 and not dest.exists() and hub.downloads() == []
+        assert "fetch" in dry.stdout and "ckpt-0/tensor00000_000" in dry.stdout and "dry run" in dry.stderr
+
+        got = _cli("download", "--local-dir", str(dest), env=env)
+        assert got.exit_code == 0, got.stderr
+        assert got.stdout == "" and "downloaded 28 files" in got.stderr
+        assert "README.md" not in hub.downloads()
+
+        again = _cli("download", "--local-dir", str(dest), env=env)
+        assert again.exit_code == 0 and "already present" in again.stderr
+
+    verified = _cli("verify-checkpoint", str(dest), "--json")
+    assert verified.exit_code == 0, verified.stderr
+    report = json.loads(verified.stdout)
+    assert report["ok"] and report["integrity_proven"] and report["failures"] == []
+    assert verified.stderr.splitlines()[-1].startswith("OK ")
+
+    assert load_config(dest) == CFG
+    params = read_checkpoint(dest, CFG)
+    for i, spec in enumerate(param_specs(CFG)):
+        want = load_leaf(published_checkpoint[f"ckpt-0/tensor{i:05d}_000"], spec.path)
+        have = params[spec.name] if spec.layer is None else params["layers"][spec.layer][spec.name]
+        if spec.quantized:
+            assert np.array_equal(np.asarray(have.weight), want.weight)
+            assert np.array_equal(np.asarray(have.scales).view(np.uint16), want.scales.view(np.uint16))
+        else:
+            assert np.array_equal(np.asarray(have), want)
+
+
+def test_cli_verify_exit_codes(tmp_path, published_checkpoint):
+    dest = tmp_path / "grok"
+    with FakeHub(REPO, published_checkpoint) as hub:
+        assert _cli("download", "--local-dir", str(dest), "-q", env={"HF_ENDPOINT": hub.endpoint}).exit_code == 0
+    victim = dest / "ckpt-0" / "tensor00002_000"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 4
+    victim.write_bytes(bytes(data))
+    bad = _cli("verify-checkpoint", str(dest))
+    assert bad.exit_code == 1 and bad.stdout == ""
+    assert "tensor00002_000" in bad.stderr and "sha256" in bad.stderr and "FAILED" in bad.stderr.splitlines()[-1]
+    missing = _cli("verify-checkpoint", str(tmp_path / "nowhere"))
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    again = _cli("verify-checkpoint", str(dest), "--write-manifest")
+    assert again.exit_code == 2 and "already exists" in again.stderr
+
+
+def test_cli_download_refuses_without_space(tmp_path, published_checkpoint, monkeypatch):
+    monkeypatch.setattr(dl, "free_bytes", lambda path: 10)
+    with FakeHub(REPO, published_checkpoint) as hub:
+        r = _cli("download", "--local-dir", str(tmp_path / "grok"), env={"HF_ENDPOINT": hub.endpoint})
+        assert r.exit_code == 1 and "not enough disk space" in r.stderr and "--force" in r.stderr
+        assert "Traceback" not in r.stderr and hub.downloads() == []
