@@ -886,6 +886,213 @@ def _detected_device_memory() -> Optional[int]:
 # DebugOpt, ColorOpt), raise usage_error(...) for bad command lines and GrokError subclasses for
 # failures; GrokGroup turns them into one line and the exit code.
 
+_DOWNLOAD_PANEL = "Download"
+_VERIFY_PANEL = "Verification"
+
+
+class _TransferDisplay:
+    """A Rich progress bar on stderr for byte transfers: bytes, files, throughput, ETA.
+
+    Only in a terminal (and without --quiet); elsewhere the commands print one summary line.
+    `update` is thread-safe (Rich's Progress locks), so library worker threads may call it.
+    """
+
+    def __init__(self, label: str, *, quiet: bool):
+        self.label, self.quiet = label, quiet
+        self._progress = self._task = None
+
+    def __enter__(self) -> "_TransferDisplay":
+        from .tui import stderr_console
+
+        console = stderr_console()
+        if not self.quiet and console.is_terminal:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self._progress = Progress(
+                TextColumn(f"[bold]{self.label}[/]"), BarColumn(), DownloadColumn(binary_units=False),
+                TextColumn("{task.fields[files]}"), TransferSpeedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), console=console, transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task(self.label, total=None, files="")
+        return self
+
+    def update(self, bytes_done: int, bytes_total: int, files_done: int, files_total: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=bytes_done, total=bytes_total or None,
+                                  files=f"{files_done}/{files_total} files")
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    from .tui import format_bytes
+
+    return f"{format_bytes(nbytes / seconds)}/s" if seconds > 0 else "-"
+
+
+@app.command("download", rich_help_panel="Checkpoints")
+def download_cmd(
+    repo: Annotated[str, typer.Option("--repo", envvar="GROK_REPO", rich_help_panel=_DOWNLOAD_PANEL,
+                                      help="Hugging Face repository to download from.")] = "xai-org/grok-1",
+    revision: Annotated[str, typer.Option("--revision", rich_help_panel=_DOWNLOAD_PANEL,
+                                          help="Branch, tag or commit of the repository.")] = "main",
+    local_dir: Annotated[Optional[Path], typer.Option(
+        "--local-dir", "--checkpoint", "-c", envvar="GROK_CHECKPOINT", show_default=False,
+        rich_help_panel=_DOWNLOAD_PANEL,
+        help="Where to put the checkpoint (ckpt-0/, tokenizer.model, manifest.json). "
+             "Default: where the other commands look for Grok-1.")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(
+        "--include", show_default=False, rich_help_panel=_DOWNLOAD_PANEL,
+        help="Only files matching this glob (repo or local path, e.g. 'ckpt-0/tensor0000*'); repeatable.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        "--exclude", show_default=False, rich_help_panel=_DOWNLOAD_PANEL,
+        help="Skip files matching this glob; repeatable.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", rich_help_panel=_DOWNLOAD_PANEL,
+        help="List what would be fetched and its size (on stdout); fetch nothing.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", rich_help_panel=_DOWNLOAD_PANEL,
+        help="Download even when the free disk space looks too small.")] = False,
+    max_workers: Annotated[int, typer.Option(
+        "--max-workers", min=1, rich_help_panel=_DOWNLOAD_PANEL, help="Files fetched at once.")] = 8,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+    color: ColorOpt = None,
+) -> None:
+    """Download Grok-1 from the Hugging Face Hub: only the tensors and tokenizer.model, resumable.
+
+    Respects HF_ENDPOINT and HF_TOKEN, and uses hf_xet / hf_transfer when installed. Run the same
+    command again after an interruption: complete files are kept and only the rest is fetched.
+    """
+    import json
+
+    from . import download as dl
+    from .tui import format_bytes, stderr_console
+
+    console = stderr_console()
+    plan = dl.plan_download(repo, revision=revision, local_dir=local_dir, include=include or (),
+                            exclude=exclude or ())
+    if dry_run:
+        rows = [{"path": f.path, "source": f.source, "size": f.size, "sha256": f.sha256,
+                 "present": f.path in plan.present} for f in plan.selected]
+        if json_out:
+            sys.stdout.write(json.dumps({"repo_id": plan.repo_id, "revision": plan.revision,
+                                         "local_dir": str(plan.local_dir), "files": rows,
+                                         "bytes_to_fetch": plan.bytes_to_fetch}, indent=2) + "\n")
+            return
+        for r in rows:
+            state = "present" if r["present"] else "fetch"
+            src = "" if r["source"] == r["path"] else f"  <- {r['source']}"
+            sys.stdout.write(f"{state:8} {r['size']:>16,}  {r['path']}{src}\n")
+        console.print(f"{plan.repo_id}@{plan.revision[:12]}: {len(plan.to_fetch)} of {len(plan.selected)} files "
+                      f"to fetch, {format_bytes(plan.bytes_to_fetch)} into {plan.local_dir} (dry run: nothing fetched)")
+        return
+    if not plan.to_fetch:
+        if not quiet:
+            console.print(f"{plan.local_dir}: all {len(plan.selected)} files already present "
+                          f"({plan.repo_id}@{plan.revision[:12]})")
+        result = None
+    else:
+        if not quiet:
+            console.print(f"downloading {len(plan.to_fetch)} files, {format_bytes(plan.bytes_to_fetch)}, "
+                          f"from {plan.repo_id}@{plan.revision[:12]} into {plan.local_dir}")
+        with _TransferDisplay("downloading", quiet=quiet) as display:
+            result = dl.download(plan, force=force, max_workers=max_workers,
+                                 on_progress=lambda p: display.update(p.bytes_done, p.bytes_total,
+                                                                      p.files_done, p.files_total))
+        for w in result.warnings:
+            console.print(f"[yellow]warning:[/] {w}")
+        if not quiet:
+            console.print(f"downloaded {len(result.fetched)} files ({format_bytes(plan.bytes_to_fetch)}) in "
+                          f"{result.seconds:.1f} s, {_rate(plan.bytes_to_fetch, result.seconds)}; "
+                          f"check every byte with `grok verify-checkpoint {plan.local_dir}`")
+    if json_out:
+        sys.stdout.write(json.dumps({"repo_id": plan.repo_id, "revision": plan.revision,
+                                     "local_dir": str(plan.local_dir),
+                                     "fetched": list(result.fetched) if result else [],
+                                     "warnings": list(result.warnings) if result else []}, indent=2) + "\n")
+
+
+@app.command("verify-checkpoint", rich_help_panel="Checkpoints")
+def verify_checkpoint_cmd(
+    directory: Annotated[Optional[Path], typer.Argument(
+        metavar="[DIR]", show_default=False,
+        help="Checkpoint directory. Default: $GROK_CHECKPOINT, else where `grok download` puts Grok-1.")] = None,
+    jobs: Annotated[Optional[int], typer.Option(
+        "--jobs", "-j", min=1, show_default=False, rich_help_panel=_VERIFY_PANEL,
+        help="Files hashed in parallel. Default: all cores.")] = None,
+    quick: Annotated[bool, typer.Option(
+        "--quick", rich_help_panel=_VERIFY_PANEL,
+        help="Existence and sizes only (seconds, even for 300 GB); no hashing or parsing.")] = False,
+    fail_on_extra: Annotated[bool, typer.Option(
+        "--fail-on-extra", rich_help_panel=_VERIFY_PANEL,
+        help="Treat unexpected extra files as failures, not warnings.")] = False,
+    write_manifest: Annotated[bool, typer.Option(
+        "--write-manifest", rich_help_panel=_VERIFY_PANEL,
+        help="Record sizes and SHA-256 of this (known-good) copy in manifest.json when every check passes.")] = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+    color: ColorOpt = None,
+) -> None:
+    """Check a checkpoint: every file present, sizes and SHA-256 against the manifest, structure, tokenizer.
+
+    Exit code 0 when everything passes, 1 when anything fails, 2 for usage errors. A SHA256SUMS
+    file (sha256sum format) is accepted when there is no manifest.json.
+    """
+    import json
+
+    from .paths import default_checkpoint_dir
+    from .tui import format_bytes, stderr_console
+    from .verify import VerifyUsageError, verify_checkpoint
+
+    directory = (directory or default_checkpoint_dir()).expanduser()
+    if not directory.is_dir():
+        raise usage_error(f"{directory} is not a checkpoint directory"
+                          + ("" if directory.exists() else " (it does not exist)"))
+    console = stderr_console()
+    try:
+        with _TransferDisplay("verifying", quiet=quiet or quick) as display:
+            report = verify_checkpoint(directory, jobs=jobs, quick=quick, fail_on_extra=fail_on_extra,
+                                       write_manifest_file=write_manifest,
+                                       on_progress=lambda p: display.update(p.bytes_done, p.bytes_total,
+                                                                            p.files_done, p.files_total))
+    except VerifyUsageError as e:
+        raise usage_error(str(e)) from None
+
+    if json_out:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+    if report.problems and not (quiet and report.ok):
+        from rich.table import Table
+
+        table = Table(title=None, show_lines=False, highlight=False)
+        for col in ("", "check", "file", "parameter", "problem"):
+            table.add_column(col, overflow="fold")
+        for p in report.problems:
+            table.add_row("[red]FAIL[/]" if p.fatal else "[yellow]warn[/]", p.check, p.path, p.param or "",
+                          p.message)
+        console.print(table)
+    for note in report.notes:
+        if not quiet:
+            console.print(note)
+    what = "sizes" if quick else ("sizes, hashes, structure" if report.integrity_proven else "structure")
+    against = f" against {report.manifest}" if report.manifest else ""
+    speed = "" if quick else f", {format_bytes(report.bytes_read)} at {_rate(report.bytes_read, report.seconds)}"
+    if report.ok:
+        if not quiet:
+            note = "" if report.integrity_proven or quick else " [yellow](integrity not proven: no manifest)[/]"
+            console.print(f"[bold green]OK[/] {directory}: {report.files_expected} files, {what}{against} "
+                          f"in {report.seconds:.1f} s{speed}{note}")
+        return
+    files = len({p.path for p in report.failures})
+    console.print(f"[bold red]FAILED[/] {directory}: {len(report.failures)} problem(s) in {files} file(s)"
+                  f"{against}{speed}")
+    raise typer.Exit(EXIT_RUNTIME)
+
 
 # ---------------------------------------------------------------------------------------------
 # Entry point
