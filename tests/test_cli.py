@@ -461,3 +461,129 @@ def test_options_are_passed_to_load(monkeypatch, fake_ckpt, tmp_path):
     r = run("complete", "-c", str(fake_ckpt), "--tokenizer", str(tok), "x")
     assert r.exit_code == 0, r.stderr
     assert eng.calls[0] == ("load", fake_ckpt, tok)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole path: real tiny checkpoints written with the project's writer, and tiny-a
+# --------------------------------------------------------------------------------------------
+
+GROK1_TOKENIZER = SHARED / "grok1" / "tokenizer.model"
+
+
+@pytest.fixture
+def real_ckpt(tiny_config, tiny_checkpoint):
+    """A random checkpoint whose vocabulary matches the real Grok-1 tokenizer (copied next to ckpt-0/)."""
+    if not GROK1_TOKENIZER.is_file():
+        pytest.skip(f"Grok-1 tokenizer not found at {GROK1_TOKENIZER}")
+    cfg = tiny_config(vocab_size=131072, emb_size=16, key_size=8, num_q_heads=2, num_kv_heads=1, num_layers=1,
+                      sequence_len=64)
+    return tiny_checkpoint(cfg, seed=1, tokenizer_path=GROK1_TOKENIZER)
+
+
+def _greedy_fixture():
+    if not (TINY_A / "greedy.json").is_file():
+        pytest.skip(f"tiny-a fixture not found at {TINY_A}")
+    return json.loads((TINY_A / "greedy.json").read_text())
+
+
+@pytest.mark.slow
+def test_tiny_a_greedy_text_matches_the_reference():
+    greedy = _greedy_fixture()
+    n = len(greedy["generated_ids"])
+    r = run("complete", "-c", str(TINY_A), "--temp", "0", "--ignore-eos", "-n", str(n), greedy["prompt_text"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == greedy["text"]
+    assert f"generated {n} tok" in r.stderr and "finish: length" in r.stderr
+    r = run("complete", "-c", str(TINY_A), "--temp", "0", "--ignore-eos", "-n", str(n), "--json", "--show-probs",
+            greedy["prompt_text"])
+    obj = json.loads(r.stdout)
+    assert obj["token_ids"] == greedy["generated_ids"] and obj["text"] == greedy["text"]
+    assert obj["usage"]["prompt_tokens"] == len(greedy["prompt_ids"])
+    assert len(obj["logprobs"]) == n and all(e["logprob"] <= 0 for e in obj["logprobs"])
+    # Greedy: the chosen token is the most likely alternative.
+    assert all(e["top_logprobs"][0]["token_id"] == tid for e, tid in zip(obj["logprobs"], obj["token_ids"]))
+
+
+@pytest.mark.slow
+def test_real_checkpoint_batch_equals_single_runs_and_info(real_ckpt):
+    single = []
+    for p in ("Hello there", "A much longer prompt about the weather"):
+        r = run("complete", "-q", "-c", str(real_ckpt), "--temp", "0", "--ignore-eos", "-n", "5", p)
+        assert r.exit_code == 0, r.stderr
+        assert r.stderr == ""
+        single.append(r.stdout)
+    r = run("complete", "-c", str(real_ckpt), "--temp", "0", "--ignore-eos", "-n", "5",
+            "-p", "Hello there", "-p", "A much longer prompt about the weather")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == single[0] + "\n" + single[1] + "\n"
+
+    r = run("info", "-c", str(real_ckpt), "--json")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["config"]["emb_size"] == 16 and info["files_found"] == info["files_expected"]
+    assert info["tokenizer"].endswith("tokenizer.model") and info["backend"] == "cpu"
+    assert info["bytes_on_disk"] == sum(f.stat().st_size for f in (real_ckpt / "ckpt-0").iterdir())
+    r = run("info", "-c", str(real_ckpt), "--memory")
+    assert r.exit_code == 0 and "KV cache" in r.stdout and "parameters" in r.stdout
+
+
+@pytest.mark.slow
+def test_real_prompt_too_long_and_truncate_left(real_ckpt):
+    long_prompt = " ".join(["word"] * 200)  # far beyond the 64-token context
+    r = run("complete", "-c", str(real_ckpt), "-n", "4", long_prompt)
+    assert r.exit_code == 2
+    one_line_error(r, "64")
+    r = run("complete", "-c", str(real_ckpt), "-n", "4", "--temp", "0", "--ignore-eos", "--truncate", "left",
+            long_prompt)
+    assert r.exit_code == 0, r.stderr
+    assert "truncated" in r.stderr
+
+
+@pytest.mark.slow
+def test_real_broken_checkpoints_are_one_line_runtime_errors(real_ckpt, tmp_path):
+    import shutil
+
+    # A truncated tensor file (an interrupted download).
+    broken = tmp_path / "broken"
+    shutil.copytree(real_ckpt, broken)
+    victim = sorted((broken / "ckpt-0").iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:40])
+    r = run("complete", "-c", str(broken), "hi")
+    assert r.exit_code == 1
+    one_line_error(r, victim.name)
+
+    # A config.json that does not describe the tensors.
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(real_ckpt, mismatch)
+    cfg = json.loads((mismatch / "config.json").read_text())
+    cfg["emb_size"] = 32
+    (mismatch / "config.json").write_text(json.dumps(cfg))
+    r = run("complete", "-c", str(mismatch), "hi")
+    assert r.exit_code == 1
+    one_line_error(r)
+
+    # A config.json that is not JSON.
+    (mismatch / "config.json").write_text("{not json")
+    r = run("complete", "-c", str(mismatch), "hi")
+    assert r.exit_code == 1
+    one_line_error(r, "config.json")
+
+    # A tokenizer whose vocabulary does not fit the model (tiny config: 256 ids; Grok-1's has 131072).
+    small = tmp_path / "small"
+    shutil.copytree(real_ckpt, small)
+    cfg = dict(json.loads((real_ckpt / "config.json").read_text()), vocab_size=256)
+    (small / "config.json").write_text(json.dumps(cfg))
+    r = run("complete", "-c", str(small), "hi")
+    assert r.exit_code == 1
+    one_line_error(r, "tokenizer")
+
+
+@pytest.mark.slow
+def test_pipe_streams_text_only(real_ckpt):
+    """The installed entry point in a subprocess: stdout is a pipe, so plain text and nothing else."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROK_")}
+    proc = subprocess.run([sys.executable, "-m", "grokcli.cli", "complete", "-c", str(real_ckpt), "--temp", "0",
+                           "--ignore-eos", "-n", "6", "Hello"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert ANSI not in proc.stdout and proc.stdout.strip()
+    assert "finish: length" in proc.stderr and "loaded" in proc.stderr
