@@ -241,6 +241,12 @@ def _global(module: str, name: str) -> bytes:
      + pickle.STOP, "unexpected QuantizedWeight8bit state"),
     (b"\x80\x04" + _global("__main__", "QuantizedWeight8bit") + _op_str("rm -rf") + pickle.TUPLE1
      + pickle.REDUCE + pickle.STOP, "corrupt"),
+    # BUILD on a skipped payload (would move where its bytes are read from).
+    (b"\x80\x04" + pickle.BINBYTES + (5000).to_bytes(4, "little") + bytes(5000) + pickle.EMPTY_DICT
+     + _op_str("offset") + pickle.NONE + pickle.SETITEM + pickle.BUILD + pickle.STOP,
+     "BUILD on a byte payload"),
+    # A length far beyond the file allocates nothing.
+    (b"\x80\x04" + pickle.BINUNICODE8 + (2**60).to_bytes(8, "little") + b"abc", "truncated"),
     # Persistent ids and extension codes never reach any loader.
     (b"\x80\x04" + _op_str("x") + pickle.BINPERSID + pickle.STOP, "persistent id"),
     (b"\x80\x04" + pickle.EXT1 + b"\x01" + pickle.STOP, "extension code"),

@@ -105,12 +105,19 @@ def _describe(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-@dataclasses.dataclass(frozen=True)
 class _Payload:
     """A byte payload the parser skipped: `length` bytes at `offset` of the source."""
 
-    offset: int
-    length: int
+    __slots__ = ("offset", "length")
+
+    def __init__(self, offset: int, length: int):
+        self.offset, self.length = offset, length
+
+    def __setstate__(self, state):
+        _refuse("BUILD on a byte payload is not part of the checkpoint format")
+
+    def __repr__(self):
+        return f"<{self.length}-byte payload at offset {self.offset}>"
 
 
 class _DtypeStub:
@@ -235,7 +242,11 @@ def _file_source(f: BinaryIO, size: int) -> _Source:
         f.seek(n, os.SEEK_CUR)
         return offset - start
 
-    return _Source(f.read, lambda: f.readline(4096), skip, lambda: f.tell() - start, size - start)
+    def read(n: int) -> bytes:
+        # Never ask for more than the file holds: a crafted length must not allocate gigabytes.
+        return f.read(max(0, min(n, size - f.tell())))
+
+    return _Source(read, lambda: f.readline(4096), skip, lambda: f.tell() - start, size - start)
 
 
 def _truncated(offset: int, length: int, size: int):
@@ -277,7 +288,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         _refuse("refused pickle persistent id")
 
     def _load_payload(self, length: int):
-        frame = self._unframer.current_frame
+        frame = getattr(getattr(self, "_unframer", None), "current_frame", None)
         in_frame = frame is not None and frame.tell() < len(frame.getbuffer())
         if in_frame or length < _SKIP_THRESHOLD:
             data = self.read(length)
@@ -285,7 +296,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 _truncated(self._source.tell() - len(data), length, self._source.size)
             self.append(data)
         else:
-            self._unframer.current_frame = None
+            if frame is not None:
+                self._unframer.current_frame = None  # exhausted: reading continues in the file
             self.append(_Payload(self._source.skip(length), length))
 
     def load_binbytes(self):
@@ -353,8 +365,8 @@ def _parse(source: _Source, name: str) -> LeafHeader:
             AttributeError, struct.error, MemoryError, RecursionError) as e:
         at_end = source.tell() >= source.size
         reason = "truncated" if at_end or isinstance(e, EOFError) or "truncated" in str(e) else "corrupt"
-        raise CheckpointError(f"{name}: not a valid tensor file ({reason}: "
-                              f"{type(e).__name__}: {_describe(str(e))})") from None
+        detail = f"{type(e).__name__}: {_describe(str(e))}" if str(e) else type(e).__name__
+        raise CheckpointError(f"{name}: not a valid tensor file ({reason}: {detail})") from None
     end = source.tell()
 
     def header(stub: _ArrayStub) -> ArrayHeader:
