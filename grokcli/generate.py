@@ -295,18 +295,24 @@ def _advance(r: _Row, token: int, lp_host, cfg, context: int) -> TokenEvent | No
         if len(r.token_ids) >= r.params.max_tokens or len(r.prompt_ids) + len(r.token_ids) >= context:
             r.finish_reason = "length"
     if r.finish_reason == "length" and r.detok is not None:
-        tail, stopped = r.stopper.feed(r.detok.flush())
-        delta += tail + ("" if stopped else r.stopper.flush())
-        if stopped:
-            r.finish_reason = "stop"
+        delta += _finish_text(r)
     r.text.append(delta)
     return TokenEvent(r.index, token, delta, logprob, top)
 
 
+def _finish_text(r: _Row) -> str:
+    """Text still held by the detokenizer and the stop matcher when a row ends."""
+    tail, stopped = r.stopper.feed(r.detok.flush())
+    if not stopped:
+        tail += r.stopper.flush()  # may still complete an overlapping stop string
+    if r.stopper.stopped and r.finish_reason == "length":
+        r.finish_reason = "stop"
+    return tail
+
+
 def _done(r: _Row, stats: GenerationStats) -> DoneEvent:
     if r.finish_reason in ("eos", "interrupted") and r.detok is not None:
-        tail, stopped = r.stopper.feed(r.detok.flush())
-        r.text.append(tail + ("" if stopped else r.stopper.flush()))
+        r.text.append(_finish_text(r))
     return DoneEvent(r.index, r.finish_reason, "".join(r.text), tuple(r.token_ids), stats)
 
 

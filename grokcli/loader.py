@@ -100,18 +100,9 @@ def load(path: str | Path, tokenizer: str | Path | None = None, *, progress: Pro
     checkpoint.check_checkpoint_shapes(root, cfg)
     dtype = dtype or compute_dtype_for_backend()
 
-    specs = param_specs(cfg)
-    sizes = checkpoint.file_sizes(root, cfg)
-    total_bytes, done_bytes, done_files = sum(sizes.values()), 0, 0
-    if progress:
-        progress(0, total_bytes, 0, len(specs))
     leaves = {}
-    for spec, leaf in checkpoint.iter_leaves(root, cfg, workers=workers):
+    for spec, leaf in checkpoint.iter_leaves(root, cfg, workers=workers or 4, progress=progress, check=False):
         leaves[(spec.name, spec.layer)] = to_device_leaf(spec, leaf, dtype)
-        del leaf
-        done_bytes += sizes[spec]
-        done_files += 1
-        if progress:
-            progress(done_bytes, total_bytes, done_files, len(specs))
+        del leaf  # host memory: one file in flight per reader thread, not the checkpoint
     params = assemble(cfg, leaves)
     return Model(config=cfg, params=params, dtype=dtype, mesh=mesh, path=root), tok

@@ -118,6 +118,13 @@ def _moe(p, x, cfg: ModelConfig):
     return out.sum(axis=1).reshape(b, t, d).astype(x.dtype)
 
 
+def decoder_layer(p, h, cfg: ModelConfig, positions, keys_fn):
+    """One layer with the reference's sandwich norms around attention and the MoE."""
+    attn = _attention(p, rms_norm(h, p["attn_norm"]), cfg, positions, keys_fn)
+    h = h + rms_norm(attn, p["attn_post_norm"])
+    return h + rms_norm(_moe(p, rms_norm(h, p["moe_norm"]), cfg), p["moe_post_norm"])
+
+
 def embed(params, tokens, cfg: ModelConfig, dtype):
     """Input embeddings times the embedding multiplier."""
     return params["embed"][tokens].astype(dtype) * jnp.asarray(cfg.embedding_multiplier_scale, dtype)
@@ -170,9 +177,7 @@ def forward(params, tokens, cfg: ModelConfig, cache: KVCache | None = None, inpu
                 return k, v, positions, key_valid_new
             return cache_k[layer], cache_v[layer], all_pos, valid
 
-        attn = _attention(p, rms_norm(h, p["attn_norm"]), cfg, positions, keys_fn)
-        h = h + rms_norm(attn, p["attn_post_norm"])
-        h = h + rms_norm(_moe(p, rms_norm(h, p["moe_norm"]), cfg), p["moe_post_norm"])
+        h = decoder_layer(p, h, cfg, positions, keys_fn)
     h = rms_norm(h, params["final_norm"])
     if cache is None:
         return h, None
@@ -183,3 +188,17 @@ def logits(params, tokens, cfg: ModelConfig, dtype=None):
     """Full-sequence logits `[B, T, vocab]` (f32), no cache."""
     h, _ = forward(params, tokens, cfg, dtype=dtype)
     return lm_head(params, h, cfg)
+
+
+def hidden_states(params, tokens, cfg: ModelConfig, dtype=None):
+    """The embedding input and every layer's output `[layers + 1, B, T, emb]`, for diagnostics."""
+    dtype = dtype or compute_dtype_for_backend()
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    not_pad = tokens != cfg.pad_token
+    h = embed(params, tokens, cfg, dtype)
+    outputs = [h]
+    for p in params["layers"]:
+        h = decoder_layer(p, h, cfg, positions, lambda k, v: (k, v, positions, not_pad))
+        outputs.append(h)
+    return jnp.stack(outputs)
