@@ -21,10 +21,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "loader",
     "Model": "loader",
-    "stream_generate": "generate",
-    "stream_generate_batch": "generate",
-    "generate": "generate",
-    "generate_batch": "generate",
+    "stream_generate": "generation",
+    "stream_generate_batch": "generation",
+    "generate": "generation",
+    "generate_batch": "generation",
     "enable_compile_cache": "runtime",
 }
 

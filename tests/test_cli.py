@@ -143,7 +143,7 @@ def use_fake(monkeypatch, engine):
 
 
 def test_importing_the_cli_does_not_import_jax():
-    code = "import sys, grokcli.cli; print(sorted(m for m in ('jax', 'jaxlib', 'grokcli.model', 'grokcli.generate', 'grokcli.quant') if m in sys.modules))"
+    code = "import sys, grokcli.cli; print(sorted(m for m in ('jax', 'jaxlib', 'grokcli.model', 'grokcli.generation', 'grokcli.quant') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
