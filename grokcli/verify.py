@@ -26,7 +26,11 @@ from .errors import CheckpointError, GrokError, TokenizerError
 from .params import ParamSpec, param_specs
 
 SHA256SUMS_NAME = "SHA256SUMS"
-CHUNK = 16 << 20  # bytes per read: large enough that syscalls and GIL handoffs cost nothing
+# Bytes per read. Each chunk is copied from the page cache and then hashed: at 1 MiB it is still in
+# the CPU cache when SHA-256 reads it. Measured here (2 vCPUs, warm page cache): 1.30 GB per
+# CPU-second at 1 MiB vs 0.87 at 16 MiB; syscalls cost nothing at either size.
+CHUNK = 1 << 20
+_REPORT_EVERY = 16 << 20  # progress callback granularity (bytes)
 
 # Names a checkpoint directory may hold besides its tensors and tokenizer.
 _KNOWN_FILES = {CONFIG_NAME, MANIFEST_NAME, SHA256SUMS_NAME, TOKENIZER_NAME}
@@ -120,6 +124,7 @@ class _HashingFile:
         self._pos = 0  # the reader's position
         self.sha = hashlib.sha256()
         self.bytes_read = 0
+        self._unreported = 0
 
     def _fill(self) -> bool:
         self._base += self._n
@@ -128,7 +133,10 @@ class _HashingFile:
             return False
         self.sha.update(self._view[:self._n])
         self.bytes_read += self._n
-        self._on_bytes(self._n)
+        self._unreported += self._n
+        if self._unreported >= _REPORT_EVERY:
+            self._on_bytes(self._unreported)
+            self._unreported = 0
         return True
 
     def read(self, k: int = -1) -> bytes:
@@ -173,6 +181,9 @@ class _HashingFile:
         """Hash whatever the parser did not read."""
         while self._fill():
             pass
+        if self._unreported:
+            self._on_bytes(self._unreported)
+            self._unreported = 0
 
 
 @dataclasses.dataclass
