@@ -203,28 +203,28 @@ def test_repl_in_a_pseudo_terminal(real_checkpoint, tmp_path):
                                            "--seed", "1", "-n", "1500", "--ignore-eos"],
                           env=env, encoding="utf-8", timeout=120, dimensions=(40, 120))
     try:
-        child.expect_exact(">>> ")
+        child.expect_exact(">>>")
         # A long generation, interrupted with Ctrl-C once tokens flow.
         child.sendline("Once upon a time")
         child.expect("prefilling")
         time.sleep(1.0)
         child.sendintr()
         child.expect("interrupted")
-        child.expect_exact(">>> ")
+        child.expect_exact(">>>")
         # The session survived: settings, a short regeneration, save, exit.
         child.sendline("/set temp 0")
         child.expect_exact("temperature = 0.0")
-        child.expect_exact(">>> ")
+        child.expect_exact(">>>")
         child.sendline("/set max-tokens 8")
         child.expect_exact("max_tokens = 8")
-        child.expect_exact(">>> ")
+        child.expect_exact(">>>")
         child.sendline("/regen")
         child.expect(r"generated 8 tok.*finish: length")
-        child.expect_exact(">>> ")
+        child.expect_exact(">>>")
         saved = tmp_path / "s.json"
         child.sendline(f"/save {saved}")
         child.expect_exact("saved 1 turns")
-        child.expect_exact(">>> ")
+        child.expect_exact(">>>")
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:
