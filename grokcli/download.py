@@ -194,6 +194,9 @@ def _wrap_hub_error(err: BaseException, what: str, repo_id: str, revision: str) 
         return DownloadError(f"revision {revision!r} not found in {repo_id}")
     if isinstance(err, e.RemoteEntryNotFoundError):
         return DownloadError(f"{what}: not found in {repo_id}@{revision}")
+    response = getattr(err, "response", None)
+    if isinstance(err, e.HfHubHTTPError) and response is not None:
+        return DownloadError(f"{what}: HTTP {response.status_code} {response.reason_phrase} from {response.url.host}")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return DownloadError(f"{what}: {first}")
 
@@ -492,8 +495,8 @@ def download(plan: DownloadPlan, *, force: bool = False, max_workers: int = 8,
     if failures:
         path, err = failures[0]
         msg = err if isinstance(err, DownloadError) else _wrap_hub_error(err, path, plan.repo_id, plan.revision)
-        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        raise DownloadError(f"{len(failures)} of {len(todo)} files failed{more}: {msg}; "
+        first = "first: " if len(failures) > 1 else ""
+        raise DownloadError(f"{len(failures)} of {len(todo)} files failed ({first}{msg}); "
                             "run the same command again to continue")
     return DownloadResult(plan, tuple(fetched), manifest_path, tuple(warnings), time.monotonic() - start)
 
@@ -511,7 +514,7 @@ def _fetch_hub(plan: DownloadPlan, f: RemoteFile, dest: Path, relay: type, token
 
 
 def _fetch_url(f: RemoteFile, dest: Path, relay: type) -> None:
-    """Fetch a file from outside the Hub (the Grok-1 tokenizer on GitHub); keep it only if its hash is the pinned one."""
+    """Fetch a file from outside the Hub (the Grok-1 tokenizer on GitHub); keep it only with the pinned hash."""
     from huggingface_hub.file_download import http_get
 
     dest.parent.mkdir(parents=True, exist_ok=True)

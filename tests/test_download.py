@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +96,8 @@ def test_connection_dropped_mid_file_resumes_with_range_and_identical_bytes(tmp_
     with FakeHub(REPO, files) as hub:
         hub.drop_after[victim] = 50_000
         _run(hub, tmp_path)
-        gets = [r for r in hub.requests if r[0] == "GET" and r[1] == f"/blobs/{hashlib.sha256(files[victim]).hexdigest()}"]
+        blob = f"/blobs/{hashlib.sha256(files[victim]).hexdigest()}"
+        gets = [r for r in hub.requests if r[0] == "GET" and r[1] == blob]
     assert (tmp_path / victim).read_bytes() == files[victim]
     # The second request continued where the dropped one stopped (a multiple of the write chunk).
     assert len(gets) == 2 and gets[0][2] is None
@@ -110,7 +110,8 @@ def test_interrupted_run_restarts_and_fetches_only_what_is_missing(tmp_path, tok
     victim = "ckpt-0/tensor00001_000"
     with FakeHub(REPO, files) as hub:
         hub.fail_status[victim] = 500
-        with pytest.raises(dl.DownloadError, match=r"1 of 5 files failed.*run the same command again"):
+        failed = r"1 of 5 files failed \(ckpt-0/tensor00001_000: HTTP 500.*run the same command again"
+        with pytest.raises(dl.DownloadError, match=failed):
             _run(hub, tmp_path)
         assert not (tmp_path / victim).exists()
         assert not list((tmp_path / ".cache").rglob("*.incomplete"))
