@@ -25,7 +25,8 @@ from .errors import PromptTooLongError
 from .events import Completion, DoneEvent, GenerationStats, StatusEvent, TokenEvent, TopLogprob
 from .sampling import SamplingParams, sampling_params
 
-MIN_BUCKET = 16
+MIN_BUCKET = 16  # smallest prompt bucket
+MIN_CONTEXT = 512  # smallest cache: short requests of any length then share one compiled decode step
 
 # Counts of jax's own compilation events, read to tell a persistent-cache hit from a compile.
 _compile_events = {"cache_hits": 0, "backend_compiles": 0}
@@ -202,7 +203,8 @@ def _run(model, rows: list[_Row], notes: list[str]):
         yield StatusEvent("truncated", note)
     longest = max(len(r.prompt_ids) for r in rows)
     prompt_bucket = length_bucket(longest, cfg.sequence_len)
-    context = length_bucket(prompt_bucket + max(r.params.max_tokens for r in rows), cfg.sequence_len)
+    needed = prompt_bucket + max(r.params.max_tokens for r in rows)
+    context = length_bucket(max(needed, MIN_CONTEXT), cfg.sequence_len)
     top_n = max(r.params.logprobs for r in rows)
 
     tokens = np.full((batch, prompt_bucket), cfg.pad_token, np.int32)
