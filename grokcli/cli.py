@@ -965,7 +965,7 @@ def download_cmd(
 ) -> None:
     """Download Grok-1 from the Hugging Face Hub: only the tensors and tokenizer.model, resumable.
 
-    Respects HF_ENDPOINT and HF_TOKEN, and uses hf_xet / hf_transfer when installed. Run the same
+    Respects HF_ENDPOINT and HF_TOKEN, and uses hf_xet when installed. Run the same
     command again after an interruption: complete files are kept and only the rest is fetched.
     """
     import json

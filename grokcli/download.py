@@ -1,7 +1,8 @@
 """Fetch a Grok-1 checkpoint from the Hugging Face Hub into the layout the loader reads.
 
 The bytes move through `huggingface_hub`'s own machinery (HEAD + GET with in-run `Range` resume and
-retries, `HF_ENDPOINT`, `HF_TOKEN`, `hf_xet`/`hf_transfer` when installed). This module decides
+retries, `HF_ENDPOINT`, `HF_TOKEN`, `hf_xet` when installed; huggingface_hub 2.x dropped
+`hf_transfer`). This module decides
 *what* to fetch and *where* it goes, checks disk space, and records a manifest; it reports progress
 through a callback and prints nothing.
 
