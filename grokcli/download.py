@@ -1,10 +1,10 @@
 """Fetch a Grok-1 checkpoint from the Hugging Face Hub into the layout the loader reads.
 
 The bytes move through `huggingface_hub`'s own machinery (HEAD + GET with in-run `Range` resume and
-retries, `HF_ENDPOINT`, `HF_TOKEN`, `hf_xet` when installed; huggingface_hub 2.x dropped
-`hf_transfer`). This module decides
-*what* to fetch and *where* it goes, checks disk space, and records a manifest; it reports progress
-through a callback and prints nothing.
+retries, `HF_ENDPOINT`, `HF_TOKEN`, `hf_xet` when installed; 2.x dropped `hf_transfer`). This
+module decides *what* to fetch and *where* it goes, checks disk space, and records a manifest; it
+reports progress through a callback and prints nothing. huggingface_hub 2.x deletes a partial file
+when a transfer fails for good, so across runs resumption is per file: complete files are kept.
 
 Local layout (what `grokcli.checkpoint` reads)::
 
