@@ -89,6 +89,10 @@ def load(path: str | Path, tokenizer: str | Path | None = None, *, progress: Pro
     from .tokenizer import Tokenizer, check_tokenizer
 
     root = Path(path)
+    if mesh is not None and not hasattr(mesh, "devices"):
+        from .sharding import make_mesh
+
+        mesh = make_mesh(mesh)  # "DATAxMODEL" or (data, model): checked before any file is read
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {root}")
     cfg = load_config(root)
@@ -100,9 +104,14 @@ def load(path: str | Path, tokenizer: str | Path | None = None, *, progress: Pro
     checkpoint.check_checkpoint_shapes(root, cfg)
     dtype = dtype or compute_dtype_for_backend()
 
+    place = None
+    if mesh is not None:
+        from .sharding import make_placer
+
+        place = make_placer(cfg, mesh)  # each device receives only its own slice of each leaf
     leaves = {}
     for spec, leaf in checkpoint.iter_leaves(root, cfg, workers=workers or 4, progress=progress, check=False):
-        leaves[(spec.name, spec.layer)] = to_device_leaf(spec, leaf, dtype)
+        leaves[(spec.name, spec.layer)] = to_device_leaf(spec, leaf, dtype, place=place)
         del leaf  # host memory: one file in flight per reader thread, not the checkpoint
     params = assemble(cfg, leaves)
     return Model(config=cfg, params=params, dtype=dtype, mesh=mesh, path=root), tok
