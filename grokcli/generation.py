@@ -215,7 +215,12 @@ def _run(model, rows: list[_Row], notes: list[str]):
     lengths = np.array([len(r.prompt_ids) for r in rows], np.int32)
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(r.params.seed), r.index) for r in rows])
     row_params = samplers.row_params([r.params for r in rows])
-    cache = model_fn.init_cache(cfg, batch, context, model.dtype)
+    if getattr(model, "mesh", None) is not None:
+        from .sharding import init_cache  # created in its sharded layout: no device holds all of it
+
+        cache = init_cache(cfg, batch, context, model.dtype, model.mesh)
+    else:
+        cache = model_fn.init_cache(cfg, batch, context, model.dtype)
     seen_dev, tokens_dev, lengths_dev = jnp.asarray(seen), jnp.asarray(tokens), jnp.asarray(lengths)
 
     common = dict(cfg=cfg, dtype=model.dtype, top_n=top_n)
