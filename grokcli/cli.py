@@ -408,9 +408,13 @@ def _call_runtime(opts: ModelOptions) -> None:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         except OSError:
             pass  # a read-only home directory only costs compile time
-    if opts.coordinator:
-        jax.distributed.initialize(coordinator_address=opts.coordinator, num_processes=opts.num_processes,
-                                   process_id=opts.process_id)
+    from . import distributed
+
+    try:  # --coordinator/--num-processes/--process-id, else JAX_COORDINATOR_ADDRESS & co.
+        if distributed.initialize(opts.coordinator, opts.num_processes, opts.process_id):
+            distributed.quiet_unless_primary()  # every process runs the command; process 0 talks
+    except distributed.DistributedError as e:
+        raise usage_error(str(e)) from None
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
@@ -443,7 +447,43 @@ def parse_bytes(text: str, option: str) -> int:
     return int(value)
 
 
-def load_model(opts: ModelOptions, *, quiet: bool = False, need_tokenizer: bool = True):
+def prepare_devices(opts: ModelOptions, checkpoint: Path, *, batch: int = 1, prompt_tokens: int = 0,
+                    max_tokens: Optional[int] = None):
+    """The mesh to load on (None: a single device), after checking the memory plan fits.
+
+    Runs before any tensor file is read: a mesh the devices cannot form is a usage error, and a
+    plan that does not fit raises MemoryPlanError with the numbers. `prompt_tokens` and
+    `max_tokens` bound the KV cache generation will allocate (default: the whole context).
+    """
+    import jax
+
+    from . import memory, sharding
+    from .config import load_config
+
+    devices = jax.devices()
+    try:
+        mesh = sharding.make_mesh(opts.mesh, devices) if opts.mesh or len(devices) > 1 else None
+    except sharding.MeshError as e:
+        raise usage_error(f"--mesh: {e}") from None
+    cfg = load_config(checkpoint)
+    context = cfg.sequence_len
+    if max_tokens is not None:
+        from .generation import MIN_CONTEXT, length_bucket
+
+        needed = length_bucket(max(1, prompt_tokens), cfg.sequence_len) + max_tokens
+        context = length_bucket(max(needed, MIN_CONTEXT), cfg.sequence_len)
+    device_bytes = (parse_bytes(opts.device_memory, "--device-memory") if opts.device_memory
+                    else memory.detected_device_memory())
+    shape = sharding.mesh_shape_dict(mesh)
+    plan = memory.plan_memory(cfg, (shape["data"], shape["model"]), batch=batch, context=context,
+                              dtype="float32" if jax.default_backend() == "cpu" else "bfloat16",
+                              device_memory=device_bytes)
+    memory.check_fits(plan)
+    return mesh
+
+
+def load_model(opts: ModelOptions, *, quiet: bool = False, need_tokenizer: bool = True, batch: int = 1,
+               prompt_tokens: int = 0, max_tokens: Optional[int] = None):
     """Resolve, prepare the runtime and load the model with a progress display on stderr.
 
     Returns (model, tokenizer, resolved).
@@ -453,12 +493,15 @@ def load_model(opts: ModelOptions, *, quiet: bool = False, need_tokenizer: bool 
         # Say so before reading hundreds of gigabytes.
         raise usage_error(f"no tokenizer: {resolved.checkpoint} has no tokenizer.model; pass --tokenizer PATH")
     setup_runtime(opts, quiet=quiet)
+    mesh = prepare_devices(opts, resolved.checkpoint, batch=batch, prompt_tokens=prompt_tokens,
+                           max_tokens=max_tokens)
     import grokcli
 
     from . import tui
 
     with tui.LoadProgress(resolved.checkpoint, quiet=quiet) as progress:
-        model, tokenizer = grokcli.load(resolved.checkpoint, resolved.tokenizer, progress=progress.update)
+        sharded = {"mesh": mesh} if mesh is not None else {}
+        model, tokenizer = grokcli.load(resolved.checkpoint, resolved.tokenizer, progress=progress.update, **sharded)
     return model, tokenizer, resolved
 
 
@@ -626,7 +669,9 @@ def complete(
                              logprobs=5 if show_probs else 0)
     opts = model_options(checkpoint, tokenizer, model, mesh, coordinator, num_processes, process_id,
                          device_memory, no_compile_cache)
-    lm, tok, resolved = load_model(opts, quiet=quiet)
+    # A prompt has at most as many tokens as UTF-8 bytes: bounds the KV cache for the memory check.
+    lm, tok, resolved = load_model(opts, quiet=quiet, batch=len(texts), max_tokens=sampling.max_tokens,
+                                   prompt_tokens=max(len(t.encode("utf-8", "replace")) for t in texts))
     if tok is None:
         raise usage_error(f"no tokenizer: {resolved.checkpoint} has no tokenizer.model; pass --tokenizer PATH")
     _run_completions(lm, tok, texts, sampling, resolved=resolved, truncate=truncate == Truncate.left,
@@ -766,32 +811,6 @@ def repl(
     repl_mod.run_repl(session)
 
 
-def _memory_estimate(cfg, *, batch: int, context: int, model_axis: int, data_axis: int,
-                     cache_bytes_per_value: int = 2) -> dict:
-    """Bytes for weights, KV cache and activations, in total and per device (shapes only).
-
-    TODO(sharding): replace with the planner of grokcli.sharding once it exists; this estimate
-    assumes every large weight splits evenly over the model axis.
-    """
-    import math
-
-    from .params import param_specs
-
-    weights = 0
-    for spec in param_specs(cfg):
-        n = math.prod(spec.shape)
-        weights += n + 2 * math.prod(spec.scales_shape) if spec.quantized else 4 * n
-    kv = 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.key_size * cache_bytes_per_value
-    # Activations: a few residual-width buffers per token of the prefill chunk, plus the logits row.
-    act = batch * context * cfg.emb_size * 4 * 8 + batch * cfg.vocab_size * 4 * 2
-    return {
-        "weights_bytes": weights, "kv_cache_bytes": kv, "activations_bytes": act,
-        "total_bytes": weights + kv + act,
-        "per_device_bytes": weights // model_axis + kv // (model_axis * data_axis) + act // data_axis,
-        "devices": model_axis * data_axis, "batch": batch, "context": context,
-    }
-
-
 @app.command(rich_help_panel="Inspect")
 def info(
     checkpoint: CheckpointOpt = None,
@@ -841,9 +860,11 @@ def info(
         data_axis, model_axis = parse_mesh(mesh)
     else:
         data_axis, model_axis = 1, max(1, len(devices))
-    mem = _memory_estimate(cfg, batch=batch, context=ctx_len, model_axis=model_axis, data_axis=data_axis)
+    from .memory import plan_memory
+
     device_bytes = parse_bytes(device_memory, "--device-memory") if device_memory else _detected_device_memory()
-    fits = None if device_bytes is None else mem["per_device_bytes"] <= device_bytes
+    plan = plan_memory(cfg, (data_axis, model_axis), batch=batch, context=ctx_len, device_memory=device_bytes,
+                       dtype="float32" if backend == "cpu" else "bfloat16")
     info_obj = {
         "checkpoint": str(resolved.checkpoint),
         "source": resolved.source,
@@ -855,8 +876,7 @@ def info(
         "tokenizer": str(tok_path) if tok_path.is_file() else None,
         "backend": backend,
         "devices": devices,
-        "memory": {**mem, "device_memory_bytes": device_bytes, "fits": fits,
-                   "mesh": f"{data_axis}x{model_axis}"},
+        "memory": plan.to_json(),
     }
     if json_out:
         sys.stdout.write(json.dumps(info_obj, indent=2) + "\n")

@@ -285,9 +285,12 @@ def print_info(info: dict, *, show_memory: bool = False, stream: Optional[IO] = 
                   f"{format_bytes(mem['total_bytes'])} total, {format_bytes(mem['per_device_bytes'])} per device "
                   f"on mesh {mem['mesh']} (batch {mem['batch']}, context {mem['context']:,}): {fits}")
     if show_memory:
-        table.add_row("  weights", format_bytes(mem["weights_bytes"]))
-        table.add_row("  KV cache", format_bytes(mem["kv_cache_bytes"]))
-        table.add_row("  activations", format_bytes(mem["activations_bytes"]))
+        for label, key in (("weights", "weights"), ("KV cache", "kv_cache"), ("activations", "activations")):
+            per_device = mem.get(f"{key}_per_device_bytes")
+            table.add_row(f"  {label}", format_bytes(mem[f"{key}_bytes"]) + " total" + (
+                f", {format_bytes(per_device)} per device" if per_device is not None else ""))
         if mem["device_memory_bytes"]:
-            table.add_row("  per device", format_bytes(mem["device_memory_bytes"]))
+            usable = mem.get("usable_bytes")
+            table.add_row("  device memory", format_bytes(mem["device_memory_bytes"]) + (
+                f" ({format_bytes(usable)} usable after the runtime's reserve)" if usable else ""))
     console.print(table)
