@@ -77,9 +77,9 @@ def _chunked_backend() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _rows_per_chunk(block_rows: int, n_out: int, copies: int = 1) -> int:
-    """Largest divisor of `block_rows` whose chunk (rows x out x copies) stays within _CHUNK_ELEMENTS."""
-    target = max(1, _CHUNK_ELEMENTS // max(1, n_out * copies))
+def _rows_per_chunk(block_rows: int, n_out: int, copies: int = 1, chunk_elements: int | None = None) -> int:
+    """Largest divisor of `block_rows` whose chunk (rows x out x copies) stays within the chunk size."""
+    target = max(1, (chunk_elements or _CHUNK_ELEMENTS) // max(1, n_out * copies))
     best = 1
     for d in range(1, block_rows + 1):
         if block_rows % d == 0 and d <= target:
@@ -173,8 +173,8 @@ def _grouped(x, w: QuantizedWeight, group_sizes, experts, dtype):
     blocks = w.row_blocks
     block_rows = n_in // blocks
     scales = w.scales.astype(dtype)
-    row_scales = scales[experts]  # [N, blocks, out]
     if not _chunked_backend():
+        row_scales = scales[experts]  # [N, blocks, out]
         parts = []
         for b in range(blocks):
             sl = slice(b * block_rows, (b + 1) * block_rows)
@@ -182,16 +182,68 @@ def _grouped(x, w: QuantizedWeight, group_sizes, experts, dtype):
                                       preferred_element_type=jnp.float32)
             parts.append(part * row_scales[:, b].astype(jnp.float32))
         return sum(parts).astype(dtype)
-    rows = _rows_per_chunk(block_rows, n_out, copies=n_exp)
+    return _grouped_tiles(x, w, group_sizes, dtype)
+
+
+def _tile_rows(n_rows: int, n_exp: int) -> int:
+    """Rows per tile of the CPU grouped matmul: about an average group, a power of two in [8, 128].
+
+    Each expert's rows are multiplied in tiles of this many, so up to tile - 1 rows per expert are
+    wasted work, while larger tiles make each dot more efficient.
+    """
+    tile = 8
+    while tile * 2 <= min(128, n_rows / n_exp):
+        tile *= 2
+    return tile
+
+
+_PREFILL_CHUNK_ELEMENTS = 1 << 20  # f32 elements of one dequantised chunk when many rows share it (4 MiB)
+
+
+def _grouped_tiles(x, w: QuantizedWeight, group_sizes, dtype):
+    """The CPU grouped matmul: expert by expert, chunk by chunk, the expert's rows tile by tile.
+
+    XLA:CPU lowers `ragged_dot` to a dense product over every expert, slower than computing all
+    experts. Here each expert's int8 weight is dequantised once, one ~4 MiB chunk of input rows at a
+    time (by dynamic index: no copy of the expert), and that chunk multiplies the expert's rows
+    `[start, end)` in tiles of T rows, a loop whose trip count follows the group size. Cost follows
+    rows x active experts, plus at most T - 1 padded rows per expert.
+    """
+    n_exp, n_in, n_out = w.weight.shape
+    n_rows = x.shape[0]
+    blocks = w.row_blocks
+    block_rows = n_in // blocks
+    tile = _tile_rows(n_rows, n_exp)
+    rows = _rows_per_chunk(block_rows, n_out, chunk_elements=_PREFILL_CHUNK_ELEMENTS)
     n_chunks = n_in // rows
-    w_chunks = w.weight.reshape(n_exp, n_chunks, rows, n_out).transpose(1, 0, 2, 3)
-    x_chunks = x.reshape(x.shape[0], n_chunks, rows).transpose(1, 0, 2)
+    # Pad by one tile so that a tile starting at any row fits (dynamic_slice would shift it back).
+    x = jnp.pad(x, ((0, tile), (0, 0))).reshape(n_rows + tile, n_chunks, rows)
+    w_chunks = w.weight.reshape(n_exp, n_chunks, rows, n_out)
+    scales = w.scales.astype(dtype)  # [E, blocks, out]
+    group_sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    n_tiles = (group_sizes + tile - 1) // tile
+    row_in_tile = jnp.arange(tile)
 
-    def step(acc, inputs):
-        i, xc, wc = inputs
-        part = jax.lax.ragged_dot(xc, wc.astype(dtype), group_sizes)
-        return acc + part * row_scales[:, (i * rows) // block_rows], None
+    def expert(out, e):
+        start, end = starts[e], ends[e]
 
-    acc, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], n_out), dtype),
-                          (jnp.arange(n_chunks), x_chunks, w_chunks))
-    return acc
+        def chunk(out, i):
+            wc = w_chunks[e, i].astype(dtype)  # [rows, out], dequantised once for all the expert's rows
+            sc = scales[e, (i * rows) // block_rows]
+
+            def tile_step(k, out):
+                r0 = start + k * tile
+                xt = jax.lax.dynamic_slice(x, (r0, i, 0), (tile, 1, rows))[:, 0]
+                keep = (r0 + row_in_tile < end)[:, None]
+                current = jax.lax.dynamic_slice_in_dim(out, r0, tile)
+                return jax.lax.dynamic_update_slice_in_dim(out, current + jnp.where(keep, (xt @ wc) * sc, 0), r0, 0)
+
+            return jax.lax.fori_loop(0, n_tiles[e], tile_step, out), None
+
+        out, _ = jax.lax.scan(chunk, out, jnp.arange(n_chunks))
+        return out, None
+
+    out, _ = jax.lax.scan(expert, jnp.zeros((n_rows + tile, n_out), dtype), jnp.arange(n_exp))
+    return out[:n_rows]
