@@ -234,7 +234,9 @@ def _run(model, rows: list[_Row], notes: list[str]):
             yield StatusEvent("compiling", f"compiling {kind} for batch {batch}, context {context}")
             t0 = time.perf_counter()
             steps[kind], hit = _compile(model, key, partial(fn, **common), args, donate)
-            message = "loaded compiled code" if hit else "compiled (first run, cached for next time)"
+            cached = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+            message = ("loaded compiled code" if hit else "compiled (first run, cached for next time)" if cached
+                       else "compiled (compile cache off)")
             yield StatusEvent("compiled", f"{kind}: {message}", cache_hit=hit, seconds=time.perf_counter() - t0)
         else:
             steps[kind] = model.compiled[key]
