@@ -95,12 +95,13 @@ def _sample_step(params, hidden, cache, keys, step, row_params, seen, *, cfg, to
     return token, logprob, top_ids, top_values, cache, seen
 
 
-def _compile(model, key, fn, args, donate):
+def _compile(model, key, fn, args, donate, out_shardings=None):
     """AOT-compile `fn` for `args` once per (model, key); returns (executable, cache_hit or None)."""
     if key in model.compiled:
         return model.compiled[key], None
     hits = _compile_events["cache_hits"]
-    jitted = jax.jit(fn, donate_argnums=donate)
+    pinned = {} if out_shardings is None else {"out_shardings": out_shardings}  # sharded: outputs feed inputs
+    jitted = jax.jit(fn, donate_argnums=donate, **pinned)
     executable = jitted.lower(*args).compile()
     model.compiled[key] = executable
     return executable, _compile_events["cache_hits"] > hits
@@ -216,16 +217,21 @@ def _run(model, rows: list[_Row], notes: list[str]):
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(r.params.seed), r.index) for r in rows])
     row_params = samplers.row_params([r.params for r in rows])
     if getattr(model, "mesh", None) is not None:
-        from .sharding import init_cache  # created in its sharded layout: no device holds all of it
+        from .sharding import step_inputs  # fixed layouts on the mesh; the cache never whole on a device
 
-        cache = init_cache(cfg, batch, context, model.dtype, model.mesh)
+        placed = step_inputs(cfg, model.mesh, model.dtype, context, tokens=tokens, lengths=lengths, seen=seen,
+                             keys=keys, row_params=row_params)
+        cache, tokens_dev, lengths_dev, seen_dev, keys, row_params, first_token, out_shardings = (
+            placed[k] for k in ("cache", "tokens", "lengths", "seen", "keys", "row_params", "first_token",
+                                "out_shardings"))
     else:
         cache = model_fn.init_cache(cfg, batch, context, model.dtype)
-    seen_dev, tokens_dev, lengths_dev = jnp.asarray(seen), jnp.asarray(tokens), jnp.asarray(lengths)
+        seen_dev, tokens_dev, lengths_dev = jnp.asarray(seen), jnp.asarray(tokens), jnp.asarray(lengths)
+        first_token, out_shardings = jnp.zeros((batch,), jnp.int32), None
 
     common = dict(cfg=cfg, dtype=model.dtype, top_n=top_n)
     prefill_args = (model.params, tokens_dev, lengths_dev, cache, keys, row_params, seen_dev)
-    decode_args = (model.params, jnp.zeros((batch,), jnp.int32), cache, keys, jnp.int32(0), row_params, seen_dev)
+    decode_args = (model.params, first_token, cache, keys, jnp.int32(0), row_params, seen_dev)
     steps = {}
     for kind, fn, args, donate in (("prefill", _prefill_step, prefill_args, (3, 6)),
                                    ("decode", _decode_step, decode_args, (2, 6))):
@@ -233,7 +239,7 @@ def _run(model, rows: list[_Row], notes: list[str]):
         if key not in model.compiled:
             yield StatusEvent("compiling", f"compiling {kind} for batch {batch}, context {context}")
             t0 = time.perf_counter()
-            steps[kind], hit = _compile(model, key, partial(fn, **common), args, donate)
+            steps[kind], hit = _compile(model, key, partial(fn, **common), args, donate, out_shardings)
             cached = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
             message = ("loaded compiled code" if hit else "compiled (first run, cached for next time)" if cached
                        else "compiled (compile cache off)")
