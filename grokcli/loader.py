@@ -42,12 +42,28 @@ class Model:
         key = ("logits", tokens.shape)
         if key not in self.compiled:
             cfg, dtype = self.config, self.dtype
-            self.compiled[key] = jax.jit(lambda p, t: model_fn.logits(p, t, cfg, dtype=dtype))
-        return np.asarray(self.compiled[key](self.params, jnp.asarray(tokens, jnp.int32)), np.float32)
+            # On a mesh the logits come back replicated: every process (host) can read them.
+            pinned = {} if self.mesh is None else {"out_shardings": _replicated(self.mesh)}
+            self.compiled[key] = jax.jit(lambda p, t: model_fn.logits(p, t, cfg, dtype=dtype), **pinned)
+        tokens = tokens.astype(np.int32)
+        tokens_dev = jnp.asarray(tokens) if self.mesh is None else _put(tokens, _replicated(self.mesh))
+        return np.asarray(self.compiled[key](self.params, tokens_dev), np.float32)
 
     @property
     def num_parameters(self) -> int:
         return sum(int(np.prod(s.shape)) for s in param_specs(self.config))
+
+
+def _replicated(mesh):
+    from .sharding import replicated
+
+    return replicated(mesh)
+
+
+def _put(array, sharding):
+    from .sharding import put
+
+    return put(array, sharding)
 
 
 def resolve_tokenizer_path(checkpoint_dir: Path, tokenizer: str | Path | None) -> Path | None:

@@ -12,7 +12,7 @@ _BASE = dict(pad_token=0, eos_token=2, sequence_len=64, embedding_multiplier_sca
 CONFIGS = {
     # Every sharded dimension divides 1, 2, 4 and 8: heads, kv heads, ffn (48), vocab.
     "divides": ModelConfig(**_BASE, vocab_size=256, emb_size=32, key_size=8, num_q_heads=16, num_kv_heads=8,
-                           num_layers=2, num_experts=8, num_selected_experts=2),
+                           num_layers=1, num_experts=8, num_selected_experts=2),
     # 6 q / 3 kv heads, vocab 252 and emb 36: most dimensions do not divide 4 or 8, so the rules
     # fall back to other dimensions or replicate; ffn 48 divides 3 and 6 as well.
     "odd": ModelConfig(**_BASE, vocab_size=252, emb_size=36, key_size=4, num_q_heads=6, num_kv_heads=3,
