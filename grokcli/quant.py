@@ -242,7 +242,9 @@ def _grouped_tiles(x, w: QuantizedWeight, group_sizes, dtype):
 
             return jax.lax.fori_loop(0, n_tiles[e], tile_step, out), None
 
-        out, _ = jax.lax.scan(chunk, out, jnp.arange(n_chunks))
+        # An expert no row chose is skipped: its weight is not read at all.
+        out = jax.lax.cond(n_tiles[e] > 0, lambda o: jax.lax.scan(chunk, o, jnp.arange(n_chunks))[0],
+                           lambda o: o, out)
         return out, None
 
     out, _ = jax.lax.scan(expert, jnp.zeros((n_rows + tile, n_out), dtype), jnp.arange(n_exp))
