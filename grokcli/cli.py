@@ -392,8 +392,13 @@ def _call_runtime(opts: ModelOptions) -> None:
     except ImportError:
         runtime = None
     if runtime is not None and hasattr(runtime, "configure"):
-        runtime.configure(compile_cache=opts.compile_cache, coordinator=opts.coordinator,
-                          num_processes=opts.num_processes, process_id=opts.process_id)
+        from .distributed import DistributedError
+
+        try:
+            runtime.configure(compile_cache=opts.compile_cache, coordinator=opts.coordinator,
+                              num_processes=opts.num_processes, process_id=opts.process_id)
+        except DistributedError as e:
+            raise usage_error(str(e)) from None
         return
     # No runtime module yet: at least honour --no-compile-cache / turn the cache on, through jax.
     import jax

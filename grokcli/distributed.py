@@ -126,6 +126,7 @@ def quiet_unless_primary(*, keep_stderr: bool | None = None) -> bool:
     to keep the other processes' stderr (progress and errors) for debugging.
     """
     if is_primary():
+        _native_stdout_to_stderr()
         return False
     if keep_stderr is None:
         keep_stderr = os.environ.get("GROK_ALL_PROCESSES_STDERR", "") not in ("", "0")
@@ -141,6 +142,23 @@ def quiet_unless_primary(*, keep_stderr: bool | None = None) -> bool:
         os.dup2(devnull, fd)
     os.close(devnull)
     return True
+
+
+def _native_stdout_to_stderr() -> None:
+    """Keep stdout for model text: native libraries' banners (gloo prints one per communicator to
+    file descriptor 1) go to stderr, while Python's sys.stdout keeps writing to the real stdout."""
+    import io
+    import sys
+
+    try:
+        sys.stdout.flush()
+        real = os.dup(1)
+        os.dup2(2, 1)
+    except (OSError, ValueError, AttributeError):
+        return
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    sys.stdout = io.TextIOWrapper(io.FileIO(real, "w"), encoding=encoding, errors="replace",
+                                  line_buffering=True, write_through=True)
 
 
 __all__ = ["DistributedOptions", "DistributedError", "resolve_options", "initialize", "is_initialized",

@@ -84,6 +84,9 @@ def configure(*, compile_cache: bool = True, coordinator: str | None = None, num
         enable_compile_cache()
     else:
         disable_compile_cache()
-    if coordinator:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+    from . import distributed
+
+    # Options, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; every process runs
+    # the same command and only process 0 writes to the terminal.
+    if distributed.initialize(coordinator, num_processes, process_id):
+        distributed.quiet_unless_primary()
