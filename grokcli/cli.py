@@ -471,17 +471,17 @@ def prepare_devices(opts: ModelOptions, checkpoint: Path, *, batch: int = 1, pro
     except sharding.MeshError as e:
         raise usage_error(f"--mesh: {e}") from None
     cfg = load_config(checkpoint)
-    context = cfg.sequence_len
+    context, prefill = cfg.sequence_len, None
     if max_tokens is not None:
         from .generation import MIN_CONTEXT, length_bucket
 
-        needed = length_bucket(max(1, prompt_tokens), cfg.sequence_len) + max_tokens
-        context = length_bucket(max(needed, MIN_CONTEXT), cfg.sequence_len)
+        prefill = length_bucket(max(1, prompt_tokens), cfg.sequence_len)
+        context = length_bucket(max(prefill + max_tokens, MIN_CONTEXT), cfg.sequence_len)
     device_bytes = (parse_bytes(opts.device_memory, "--device-memory") if opts.device_memory
                     else memory.detected_device_memory())
     shape = sharding.mesh_shape_dict(mesh)
     plan = memory.plan_memory(cfg, (shape["data"], shape["model"]), batch=batch, context=context,
-                              dtype="float32" if jax.default_backend() == "cpu" else "bfloat16",
+                              prefill_tokens=prefill, dtype="float32" if jax.default_backend() == "cpu" else "bfloat16",
                               device_memory=device_bytes)
     memory.check_fits(plan)
     return mesh

@@ -118,11 +118,12 @@ def _itemsize(dtype: str) -> int:
 
 
 def plan_memory(cfg: ModelConfig, mesh: tuple[int, int] | str = (1, 1), *, batch: int = 1,
-                context: int | None = None, dtype: str = "bfloat16",
+                context: int | None = None, prefill_tokens: int | None = None, dtype: str = "bfloat16",
                 device_memory: int | None = None) -> MemoryPlan:
     """Per-device bytes of `cfg` on a (data, model) mesh for `batch` sequences of `context` tokens.
 
-    `dtype` is the activation dtype (bfloat16 on accelerators, float32 on CPU); `device_memory`
+    `prefill_tokens` is the longest prompt processed at once (default: the whole context);
+    `dtype` the activation dtype (bfloat16 on accelerators, float32 on CPU); `device_memory`
     the bytes of one device (None: unknown, `fits` is then None).
     """
     from .sharding import parse_mesh_shape
@@ -159,14 +160,16 @@ def plan_memory(cfg: ModelConfig, mesh: tuple[int, int] | str = (1, 1), *, batch
               + leaf_bytes_per_device(kv_shape, act, cparts["v"], mesh_shape)
               + leaf_bytes_per_device((batch, context), 1, cparts["valid"], mesh_shape) + 4 * batch)
 
-    # Activations of a prefill of the whole context on one device (one layer live at a time).
+    # Activations of the prefill on one device (one layer live at a time); attention scores are
+    # prompt x prompt because a prefill attends only among its own tokens.
+    prompt = min(prefill_tokens or context, context)
     rows = batch // data if batch % data == 0 else batch
-    tokens = rows * context
+    tokens = rows * prompt
     q_split = model if cfg.num_q_heads % model == 0 else 1
     ffn_split = model if cfg.ffn_size % model == 0 else 1
     residual = tokens * cfg.emb_size * (6 * act + 2 * 4)  # h, norms (f32 inside), attention / MoE outputs
     qkv = tokens * (cfg.num_q_heads // q_split + 2 * cfg.num_kv_heads) * cfg.key_size * act
-    scores = 2 * rows * (cfg.num_q_heads // q_split) * context * context * 4  # scores + softmax, f32
+    scores = 2 * rows * (cfg.num_q_heads // q_split) * prompt * prompt * 4  # scores + softmax, f32
     moe = tokens * cfg.num_selected_experts * (3 * cfg.ffn_size // ffn_split * act + 2 * cfg.emb_size * act)
     dequantised = largest_local_weight * act  # one weight shard converted for its matmul
     sampling = batch * cfg.vocab_size * 4 * 6  # logits, probabilities, sort keys, masks
