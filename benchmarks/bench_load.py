@@ -3,7 +3,10 @@
 Writes a synthetic checkpoint of at least --size-gb GB once (Grok-1-shaped layers, random int8
 weights, written by the project's writer) into --workdir and reuses it. Then alternates, per
 round: `grokcli.load(path)` until every array is on the device, and a plain sequential read of
-the same files (one thread, `readinto` a reused 64 MiB buffer, like `cat`). Both variants see
+the same files (one thread, `readinto` a reused 64 MiB buffer, like `cat`); for context also
+`np.fromfile` of each file into new memory (what any loader that keeps the weights in its own
+memory pays at least: first-touch page faults) and grokcli.load with numpy's transparent-huge-page
+request turned off (4K pages). All variants see
 the same page-cache state: "warm" (the files cached in RAM, which measures the CPU side) and,
 with --cold, "cold" (each file's pages dropped with posix_fadvise(DONTNEED) before each variant,
 so both read from the disk). Prints GB/s per variant and the ratio load / plain reads.
@@ -96,13 +99,30 @@ def plain_read(files: list[Path], buf: memoryview) -> int:
     return total
 
 
-def grokcli_load(path: Path, workers: int | None) -> None:
+def fresh_reads(files: list[Path]) -> int:
+    """Read every file into a new array of its own (np.fromfile): plain reads plus first-touch page faults."""
+    arrays = [np.fromfile(p, np.uint8) for p in files]
+    total = sum(a.nbytes for a in arrays)
+    del arrays
+    gc.collect()
+    return total
+
+
+def grokcli_load(path: Path, workers: int | None, hugepages: bool = True) -> None:
     import jax
 
     import grokcli
 
-    model, _ = grokcli.load(path, workers=workers)
-    jax.block_until_ready(model.params)  # every array on the device
+    # numpy asks for transparent huge pages on large arrays; on some VMs first-touch faults on
+    # them are several times slower (compaction). The "4K pages" variant measures that effect.
+    set_huge = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
+    previous = set_huge(hugepages) if set_huge else None
+    try:
+        model, _ = grokcli.load(path, workers=workers)
+        jax.block_until_ready(model.params)  # every array on the device
+    finally:
+        if set_huge:
+            set_huge(previous)
     del model
     gc.collect()
 
@@ -121,7 +141,10 @@ def main(argv=None) -> None:
     grokcli_load(path, a.workers)  # warm-up: imports, the first device allocations; files into the page cache
     plain_read(files, buf)
 
-    variants = {"grokcli.load": lambda: grokcli_load(path, a.workers), "plain reads": lambda: plain_read(files, buf)}
+    variants = {"grokcli.load": lambda: grokcli_load(path, a.workers),
+                "plain reads": lambda: plain_read(files, buf),
+                "fresh-memory reads": lambda: fresh_reads(files),
+                "grokcli.load 4K pages": lambda: grokcli_load(path, a.workers, hugepages=False)}
     states = ["warm"] + (["cold"] if a.cold else [])
     ratios = {}
     for state in states:
@@ -139,8 +162,10 @@ def main(argv=None) -> None:
             print(f"{state} round {r + 1}: " + ", ".join(f"{n} {results[n][-1]:.2f} GB/s" for n in names))
         med = {n: statistics.median(v) for n, v in results.items()}
         ratios[state] = med["grokcli.load"] / med["plain reads"]
-        print(f"  {state} page cache, median of {a.rounds}: grokcli.load {med['grokcli.load']:.2f} GB/s, "
-              f"plain reads {med['plain reads']:.2f} GB/s -> ratio {ratios[state] * 100:.0f}%")
+        print(f"  {state} page cache, median of {a.rounds}: " + ", ".join(f"{n} {med[n]:.2f} GB/s" for n in names))
+        print(f"    grokcli.load / plain reads {ratios[state] * 100:.0f}%, "
+              f"grokcli.load / fresh-memory reads {med['grokcli.load'] / med['fresh-memory reads'] * 100:.0f}%, "
+              f"with 4K pages / plain reads {med['grokcli.load 4K pages'] / med['plain reads'] * 100:.0f}%")
     print("summary: " + ", ".join(f"{s} {ratios[s] * 100:.0f}% of plain sequential reads" for s in states)
           + f"; load average at the end {os.getloadavg()[0]:.1f}")
 
