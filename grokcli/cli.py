@@ -487,6 +487,15 @@ def prepare_devices(opts: ModelOptions, checkpoint: Path, *, batch: int = 1, pro
     return mesh
 
 
+def same_seed_on_every_process(sampling: SamplingParams) -> SamplingParams:
+    """Multi-host: every process samples with process 0's seed (each drew its own at random)."""
+    from . import distributed
+
+    if distributed.process_count() <= 1:
+        return sampling
+    return dataclasses.replace(sampling, seed=distributed.broadcast_int(sampling.seed))
+
+
 def load_model(opts: ModelOptions, *, quiet: bool = False, need_tokenizer: bool = True, batch: int = 1,
                prompt_tokens: int = 0, max_tokens: Optional[int] = None):
     """Resolve, prepare the runtime and load the model with a progress display on stderr.
@@ -679,6 +688,7 @@ def complete(
                                    prompt_tokens=max(len(t.encode("utf-8", "replace")) for t in texts))
     if tok is None:
         raise usage_error(f"no tokenizer: {resolved.checkpoint} has no tokenizer.model; pass --tokenizer PATH")
+    sampling = same_seed_on_every_process(sampling)
     _run_completions(lm, tok, texts, sampling, resolved=resolved, truncate=truncate == Truncate.left,
                      stream=not no_stream,
                      json_out=json_out, show_probs=show_probs, quiet=quiet)

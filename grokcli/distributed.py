@@ -114,6 +114,27 @@ def process_index() -> int:
     return jax.process_index()
 
 
+def process_count() -> int:
+    """Processes taking part (1 when not distributed)."""
+    import sys
+
+    if "jax" not in sys.modules:
+        return 1
+    import jax
+
+    return jax.process_count()
+
+
+def broadcast_int(value: int) -> int:
+    """Process 0's `value` on every process (e.g. a random seed each process drew on its own)."""
+    if process_count() <= 1:
+        return int(value)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def is_primary() -> bool:
     """True on the process that writes to the terminal (process 0)."""
     return process_index() == 0
@@ -162,4 +183,4 @@ def _native_stdout_to_stderr() -> None:
 
 
 __all__ = ["DistributedOptions", "DistributedError", "resolve_options", "initialize", "is_initialized",
-           "process_index", "is_primary", "quiet_unless_primary"]
+           "process_index", "process_count", "broadcast_int", "is_primary", "quiet_unless_primary"]
