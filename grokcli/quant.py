@@ -214,7 +214,9 @@ def _grouped_tiles(x, w: QuantizedWeight, group_sizes, dtype):
     blocks = w.row_blocks
     block_rows = n_in // blocks
     tile = _tile_rows(n_rows, n_exp)
-    rows = _rows_per_chunk(block_rows, n_out, chunk_elements=_PREFILL_CHUNK_ELEMENTS)
+    # Few rows per expert (decode of a batch): chunks that stay in L2, as in the gathered path.
+    chunk_elements = _CHUNK_ELEMENTS if tile <= 16 else _PREFILL_CHUNK_ELEMENTS
+    rows = _rows_per_chunk(block_rows, n_out, chunk_elements=chunk_elements)
     n_chunks = n_in // rows
     # Pad by one tile so that a tile starting at any row fits (dynamic_slice would shift it back).
     x = jnp.pad(x, ((0, tile), (0, 0))).reshape(n_rows + tile, n_chunks, rows)
