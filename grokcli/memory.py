@@ -14,8 +14,7 @@ import math
 from .config import ModelConfig
 from .errors import GrokError
 from .params import param_specs
-from .sharding import (DATA, MODEL, cache_partitions, leaf_bytes_per_device, mesh_suggestions,
-                       param_partitions)
+from .sharding import DATA, MODEL, cache_partitions, leaf_bytes_per_device, param_partitions
 
 # Kept free on every device for the runtime (CUDA context, XLA workspace, fragmentation).
 RESERVE_FRACTION = 0.05
@@ -204,4 +203,4 @@ def check_fits(plan: MemoryPlan) -> MemoryPlan:
 
 
 __all__ = ["MemoryPlan", "MemoryPlanError", "plan_memory", "detected_device_memory", "check_fits",
-           "mesh_suggestions", "RESERVE_FRACTION", "RESERVE_MIN_BYTES"]
+           "RESERVE_FRACTION", "RESERVE_MIN_BYTES"]

@@ -191,20 +191,16 @@ def make_mesh(shape: str | tuple[int, int] | None = None, devices: Sequence | No
     shape = (int(shape[0]), int(shape[1]))
     check_mesh_shape(shape, devices)
     devices = devices[: shape[0] * shape[1]]
-    try:
-        # Orders devices so the model axis stays within a host (and a fast interconnect) when it can.
-        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    except Exception:  # noqa: BLE001 - topologies mesh_utils does not know: plain order
-        grid = np.array(devices).reshape(shape)
     if len({d.process_index for d in devices}) > 1:
-        grid = _hybrid_grid(shape, devices, grid)
+        # Across hosts: each host's devices contiguous, so a data row is one host when DATA = hosts.
+        grid = np.array(sorted(devices, key=lambda d: (d.process_index, d.id)), dtype=object).reshape(shape)
+    else:
+        try:
+            # Orders devices so that neighbours on the model axis share the fastest links.
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except Exception:  # noqa: BLE001 - topologies mesh_utils does not know: plain order
+            grid = np.array(devices, dtype=object).reshape(shape)
     return jax.sharding.Mesh(grid, MESH_AXES)
-
-
-def _hybrid_grid(shape: tuple[int, int], devices: Sequence, grid: np.ndarray) -> np.ndarray:
-    """Across hosts: keep each host's devices contiguous along the model axis where sizes allow."""
-    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return np.array(ordered, dtype=object).reshape(shape)
 
 
 def mesh_shape_dict(mesh) -> dict[str, int]:
@@ -212,14 +208,6 @@ def mesh_shape_dict(mesh) -> dict[str, int]:
     if mesh is None:
         return {DATA: 1, MODEL: 1}
     return {name: int(size) for name, size in mesh.shape.items()}
-
-
-def describe_mesh(mesh) -> str:
-    """'2x4 (data x model) over 8 cpu devices' for messages."""
-    s = mesh_shape_dict(mesh)
-    devices = mesh.devices.flat if mesh is not None else []
-    kinds = sorted({d.platform for d in devices}) or ["default"]
-    return f"{s[DATA]}x{s[MODEL]} (data x model) over {s[DATA] * s[MODEL]} {'/'.join(kinds)} devices"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,13 +251,6 @@ def put_batch(tree, mesh):
     import jax
 
     return jax.tree.map(lambda x: put(x, named(mesh, batch_part(np.shape(x), mesh))), tree)
-
-
-def batch_shardings(tree, mesh):
-    """The shardings put_batch would give a pytree of arrays (or ShapeDtypeStructs)."""
-    import jax
-
-    return jax.tree.map(lambda x: named(mesh, batch_part(np.shape(x), mesh)), tree)
 
 
 def make_placer(cfg: ModelConfig, mesh):
@@ -336,6 +317,6 @@ def leaf_bytes_per_device(shape: Sequence[int], itemsize: int, part: Sequence, m
 
 __all__ = ["DATA", "MODEL", "MESH_AXES", "MeshError", "PARTITION_RULES", "CACHE_AXES", "partition",
            "scales_partition", "param_partitions", "cache_partitions", "shard_shape", "parse_mesh_shape",
-           "mesh_suggestions", "check_mesh_shape", "make_mesh", "mesh_shape_dict", "describe_mesh", "named",
-           "replicated", "put", "batch_part", "put_batch", "batch_shardings", "make_placer",
+           "mesh_suggestions", "check_mesh_shape", "make_mesh", "mesh_shape_dict", "named",
+           "replicated", "put", "batch_part", "put_batch", "make_placer",
            "cache_shardings", "init_cache", "step_inputs", "leaf_bytes_per_device"]

@@ -100,6 +100,16 @@ def test_mesh_errors_say_what_was_found_and_what_would_work():
     assert parse_mesh_shape(" 2X4 ") == (2, 4)
 
 
+def test_default_mesh_is_model_parallel_over_every_device():
+    import jax
+
+    from grokcli.sharding import make_mesh, mesh_shape_dict
+
+    mesh = make_mesh()
+    assert mesh_shape_dict(mesh) == {"data": 1, "model": jax.device_count()}
+    assert mesh.axis_names == ("data", "model")
+
+
 def test_load_checks_the_mesh_before_reading_any_file(tmp_path):
     import grokcli
 
