@@ -819,6 +819,9 @@ def repl(
                              seed=seed, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos)
     opts = model_options(checkpoint, tokenizer, model, mesh, coordinator, num_processes, process_id,
                          device_memory, no_compile_cache)
+    if coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        # The other processes have no keyboard: they could not follow the session.
+        raise usage_error("grok repl runs on one host; across hosts use grok complete (see docs/multi-gpu.md)")
     lm, tok, resolved = load_model(opts, quiet=quiet)
     if tok is None:
         raise usage_error(f"no tokenizer: {resolved.checkpoint} has no tokenizer.model; pass --tokenizer PATH")

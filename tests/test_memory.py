@@ -116,3 +116,9 @@ def test_complete_rejects_a_mesh_the_devices_cannot_form(tiny_with_tokenizer):
     assert r.exit_code == 2
     assert "--mesh" in r.stderr and "needs 8 devices" in r.stderr and "1x1" in r.stderr
     assert r.stdout == ""
+
+
+def test_repl_refuses_to_run_across_hosts(tiny_with_tokenizer):
+    r = run("repl", "-c", str(tiny_with_tokenizer), "--coordinator", "127.0.0.1:1", "--num-processes", "2",
+            "--process-id", "0")
+    assert r.exit_code == 2 and "grok repl runs on one host" in r.stderr
