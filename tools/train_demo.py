@@ -60,11 +60,11 @@ DEMO = ModelConfig(
 class TrainConfig:
     """Optimisation settings (recorded in the model card)."""
 
-    steps: int = 1100  # optimizer steps
+    steps: int = 400  # optimizer steps
     batch: int = 4  # sequences per step
     seq: int = 512  # tokens per sequence
     lr: float = 3e-3  # peak learning rate
-    warmup: int = 50  # linear warm-up steps
+    warmup: int = 40  # linear warm-up steps
     final_lr_fraction: float = 0.1  # cosine decay ends at lr * this
     weight_decay: float = 0.1  # AdamW decay of matrices (not embeddings, norms, router)
     beta1: float = 0.9
@@ -354,14 +354,14 @@ def train(out: Path, train_ids: np.ndarray, heldout_ids: np.ndarray, tc: TrainCo
             ce, balance = float(ce), float(balance)
             elapsed = time.perf_counter() - start
             entry = {"step": step, "train_loss": ce, "balance": balance, "seconds": round(elapsed, 1)}
-            if step % 250 == 0 or step == tc.steps - 1:
+            if step % 200 == 0 or step == tc.steps - 1:
                 entry["heldout_loss"] = heldout_loss(eval_fn, params, heldout_ids, tc.seq)
             history.append(entry)
             tok_s = (step + 1) * tc.batch * tc.seq / max(elapsed, 1e-9)
             log(f"step {step}: train {ce:.3f} balance {balance:.3f} "
                 + (f"held-out {entry['heldout_loss']:.3f} " if "heldout_loss" in entry else "")
                 + f"({elapsed:.0f} s, {tok_s:.0f} tok/s)")
-        if step % 250 == 249:
+        if step % 100 == 99:
             save_params(out / "params.npz", params)
     seconds = time.perf_counter() - start
     save_params(out / "params.npz", params)
@@ -381,6 +381,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
     ap.add_argument("--bench", type=int, default=0, help="only time this many steps and exit")
     ap.add_argument("--write", type=Path, help="write the trained model as a checkpoint folder here")
+    ap.add_argument("--write-only", action="store_true", help="write the params saved in --out without training")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     tc = TrainConfig(steps=args.steps)
@@ -394,7 +395,7 @@ def main(argv=None) -> int:
     if args.bench:
         bench(train_ids, tc, args.bench)
         return 0
-    if not (args.out / "train_log.json").exists():
+    if not (args.out / "train_log.json").exists() and not args.write_only:
         train(args.out, train_ids, heldout_ids, tc, DEMO)
     if args.write:
         import write_demo  # noqa: PLC0415

@@ -64,6 +64,27 @@ def model_loss(model, ids: np.ndarray, seq: int, batch: int = 8) -> float:
     return total / len(rows)
 
 
+def write_manifest(dest: Path) -> Path:
+    """manifest.json with the size and SHA-256 of every tensor, the tokenizer and the model card.
+
+    `grok verify-checkpoint` then proves the shipped files intact, and the model card is a
+    listed file rather than an unexpected extra. Rerun after editing README.md:
+    `.venv/bin/python tools/write_demo.py grokcli/demo`.
+    """
+    import hashlib
+
+    from grokcli.config import load_config
+    from grokcli.download import Manifest, ManifestEntry, write_manifest as write_manifest_file
+    from grokcli.params import param_specs
+
+    rels = [f"ckpt-0/tensor{i:05d}_000" for i in range(len(param_specs(load_config(dest))))]
+    rels += ["tokenizer.model", "README.md"]
+    entries = tuple(ManifestEntry(rel, (dest / rel).stat().st_size,
+                                  hashlib.sha256((dest / rel).read_bytes()).hexdigest(), None) for rel in rels)
+    write_manifest_file(dest, Manifest(entries, origin="local"))
+    return dest / "manifest.json"
+
+
 def write(work: Path, dest: Path, cfg, tokenizer: Path, heldout_ids: np.ndarray) -> dict:
     import jax
     import jax.numpy as jnp
@@ -72,13 +93,21 @@ def write(work: Path, dest: Path, cfg, tokenizer: Path, heldout_ids: np.ndarray)
     from grokcli.checkpoint.writer import write_checkpoint
     from train_demo import heldout_loss, load_params, make_eval
 
-    record = json.loads((work / "train_log.json").read_text())
-    seq = record["train"]["seq"]
+    from train_demo import TrainConfig
+
+    log_path = work / "train_log.json"
+    record = json.loads(log_path.read_text()) if log_path.exists() else None
+    seq = TrainConfig.seq
     params = load_params(work / "params.npz", cfg)
     float_loss = heldout_loss(make_eval(cfg), jax.tree_util.tree_map(jnp.asarray, params), heldout_ids, seq)
     log(f"held-out loss, float32 training forward: {float_loss:.4f}")
 
     write_checkpoint(dest, params, cfg, tokenizer_path=tokenizer)
+    # The writer's temp files are created 0600; a package's data must be readable by every user.
+    for f in [*dest.glob("*"), *(dest / "ckpt-0").glob("*")]:
+        f.chmod(0o755 if f.is_dir() else 0o644)
+    if (dest / "README.md").exists():
+        write_manifest(dest)
     ckpt_bytes = sum(f.stat().st_size for f in (dest / "ckpt-0").iterdir())
     total_bytes = ckpt_bytes + (dest / "tokenizer.model").stat().st_size + (dest / "config.json").stat().st_size
     log(f"wrote {dest}: checkpoint {ckpt_bytes / 1e6:.2f} MB, with tokenizer and config {total_bytes / 1e6:.2f} MB")
@@ -98,8 +127,9 @@ def write(work: Path, dest: Path, cfg, tokenizer: Path, heldout_ids: np.ndarray)
                            "sampled (temperature 0.8, top-p 0.95, seed 0)": dict(temperature=0.8, top_p=0.95, seed=0),
                            "sampled (temperature 0.8, top-p 0.95, seed 1)": dict(temperature=0.8, top_p=0.95, seed=1)}.items():
         done = grokcli.generate(model, tok, SAMPLE_PROMPT, max_tokens=120, **settings)
-        samples[name] = done.text
-        log(f"{name}: {SAMPLE_PROMPT}{done.text}")
+        # Prompt and continuation decoded together, so the space between them is the model's.
+        samples[name] = tok.decode(tok.encode(SAMPLE_PROMPT) + list(done.token_ids))
+        log(f"{name}: {samples[name]}")
 
     metrics = {
         "heldout_tokens": int(len(heldout_ids)), "heldout_loss_float32": round(float_loss, 4),
@@ -107,9 +137,16 @@ def write(work: Path, dest: Path, cfg, tokenizer: Path, heldout_ids: np.ndarray)
         "uniform_loss": round(math.log(cfg.vocab_size), 4), "fixture_loss_int8": round(fixture_loss, 4),
         "checkpoint_bytes": ckpt_bytes, "shipped_bytes": total_bytes,
         "parameters": int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params))),
-        "training": {k: record[k] for k in ("seed", "train", "seconds", "train_tokens", "final_train_loss",
-                                            "final_heldout_loss", "jax", "devices")},
+        "training": record and {k: record[k] for k in ("seed", "train", "seconds", "train_tokens",
+                                                       "final_train_loss", "final_heldout_loss", "jax", "devices")},
         "samples": {"prompt": SAMPLE_PROMPT, "max_tokens": 120, **samples},
     }
     _atomic_text(work / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     return metrics
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    if len(sys.argv) != 2:
+        sys.exit("usage: write_demo.py CHECKPOINT_DIR   (rewrites its manifest.json)")
+    print(write_manifest(Path(sys.argv[1])))
