@@ -38,6 +38,7 @@ def enable_compile_cache(path: str | Path | None = None) -> bool:
         import warnings
 
         warnings.warn(f"compilation cache disabled: cannot use {directory} ({e})", stacklevel=2)
+        disable_compile_cache()  # never keep writing to a previously enabled directory instead
         return False
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(directory))

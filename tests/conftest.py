@@ -26,6 +26,22 @@ TINY_CONFIG = dict(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_user_dirs(tmp_path_factory):
+    """Keep the user's cache, data and state directories out of reach of every test.
+
+    The CLI enables the compile cache under the user cache dir and keeps REPL history under the
+    state dir; tests (and the subprocesses they start, which inherit the environment) use a
+    session temp dir instead. GROK_CHECKPOINT is cleared so no user checkpoint is picked up.
+    """
+    root = tmp_path_factory.mktemp("user-dirs")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME"):
+            mp.setenv(var, str(root / var.lower()))
+        mp.delenv("GROK_CHECKPOINT", raising=False)
+        yield root
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The shared data folder next to the repository; the test is skipped when it is absent."""
