@@ -424,14 +424,12 @@ def _call_runtime(opts: ModelOptions) -> None:
 
 def parse_mesh(text: str) -> tuple[int, int]:
     """'DATAxMODEL' -> (data, model); a usage error for anything else."""
-    parts = text.lower().replace("*", "x").split("x")
+    from .sharding import MeshError, parse_mesh_shape  # no jax import: cheap at parse time
+
     try:
-        data, model = (int(p) for p in parts)
-    except ValueError:
-        raise usage_error(f"invalid --mesh {text!r}: expected DATAxMODEL, e.g. 1x8") from None
-    if data < 1 or model < 1:
-        raise usage_error(f"invalid --mesh {text!r}: both sizes must be >= 1")
-    return data, model
+        return parse_mesh_shape(text)
+    except MeshError as e:
+        raise usage_error(str(e).replace("invalid mesh", "invalid --mesh", 1)) from None
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
