@@ -1,8 +1,8 @@
 """The bundled demo model: it loads like Grok-1, generates deterministically, and has learnt English.
 
-The held-out bound is checked with an independent float32 numpy forward of the reference
-(written from the fixtures README, not from grokcli.model), on text the model never saw
-(tests/data/demo_heldout.txt: the start of each novel's held-out final 4%).
+The held-out loss is measured through grokcli and cross-checked against an independent numpy
+forward of the reference (written from the fixtures README, not from grokcli.model), on text the
+model never saw (tests/data/demo_heldout.txt: the start of each novel's held-out final 4%).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 HELDOUT = REPO / "tests" / "data" / "demo_heldout.txt"
 DEMO = paths.demo_model_dir()
 
-# The shipped model scores 4.34 nats/token on this text (see grokcli/demo/README.md);
-# a uniform guess over the 4096-piece vocabulary scores ln(4096) = 8.32.
-HELDOUT_LOSS_BOUND = 4.6
+# The shipped model scores 4.21 nats/token on this text (4.30 on the whole held-out split, see
+# grokcli/demo/README.md); a uniform guess over its 4096 pieces scores ln(4096) = 8.32.
+HELDOUT_LOSS_BOUND = 4.5
 
 pytestmark = pytest.mark.skipif(not (DEMO / "ckpt-0").is_dir(), reason="demo checkpoint not present")
 

@@ -11,7 +11,8 @@ Steps (each result is kept in --out, so a rerun resumes at the first missing one
    ([PAD]=0, [BOS]=1, [EOS]=2, [UNK]=3) and a newline piece.
 3. model: the reference forward (tools-only float32 copy, every expert computed densely and
    combined with the un-renormalised top-k gates, which is the same function as the sparse one),
-   trained with a hand-written AdamW; everything seeded.
+   trained with a hand-written AdamW in the stages of STAGES (each starting from the previous
+   stage's weights); everything seeded.
 4. --write: int8 quantisation and the official checkpoint layout through grokcli's writer, plus
    the held-out loss of the written int8 model measured through grokcli's own forward.
 
@@ -75,6 +76,14 @@ class TrainConfig:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# The shipped run: 400 steps from scratch, then 300 more at a lower peak rate (the second stage
+# was added when the first turned out to have seen less than one epoch in the time budget).
+STAGES = (
+    TrainConfig(),
+    TrainConfig(steps=300, lr=1e-3, warmup=20),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,16 +341,16 @@ def load_params(path: Path, cfg: ModelConfig) -> dict:
 
 
 def train(out: Path, train_ids: np.ndarray, heldout_ids: np.ndarray, tc: TrainConfig,
-          cfg: ModelConfig) -> dict:
+          cfg: ModelConfig, stage: int = 1, init: dict | None = None) -> dict:
     """Runs the optimisation; returns the training record (also saved as train_log.json)."""
     import jax
     import jax.numpy as jnp
 
-    params = init_params(cfg, jax.random.PRNGKey(SEED))
+    params = init_params(cfg, jax.random.PRNGKey(SEED)) if init is None else jax.tree_util.tree_map(jnp.asarray, init)
     m = jax.tree_util.tree_map(jnp.zeros_like, params)
     v = jax.tree_util.tree_map(jnp.zeros_like, params)
     step_fn, eval_fn = make_step(cfg, tc), make_eval(cfg)
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(SEED + stage - 1)  # each stage its own stream of batches
     window = tc.seq + 1
     history = []
     start = time.perf_counter()
@@ -362,15 +371,15 @@ def train(out: Path, train_ids: np.ndarray, heldout_ids: np.ndarray, tc: TrainCo
                 + (f"held-out {entry['heldout_loss']:.3f} " if "heldout_loss" in entry else "")
                 + f"({elapsed:.0f} s, {tok_s:.0f} tok/s)")
         if step % 100 == 99:
-            save_params(out / "params.npz", params)
+            save_params(out / f"params-{stage}.npz", params)
     seconds = time.perf_counter() - start
-    save_params(out / "params.npz", params)
-    record = {"seed": SEED, "train": dataclasses.asdict(tc), "seconds": round(seconds, 1),
+    save_params(out / f"params-{stage}.npz", params)
+    record = {"stage": stage, "seed": SEED + stage - 1, "train": dataclasses.asdict(tc), "seconds": round(seconds, 1),
               "train_tokens": int(len(train_ids)), "heldout_tokens": int(len(heldout_ids)),
               "final_train_loss": history[-1]["train_loss"],
               "final_heldout_loss": history[-1]["heldout_loss"], "history": history,
               "jax": jax.__version__, "devices": str(jax.devices())}
-    (out / "train_log.json").write_text(json.dumps(record, indent=1))
+    (out / f"train_log-{stage}.json").write_text(json.dumps(record, indent=1))
     return record
 
 
@@ -378,13 +387,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="work folder (corpus, tokenizer, params)")
     ap.add_argument("--corpus-deb", type=Path, help=f"a downloaded {austen_corpus.PACKAGE} .deb (default: apt-get download)")
-    ap.add_argument("--steps", type=int, default=TrainConfig.steps)
     ap.add_argument("--bench", type=int, default=0, help="only time this many steps and exit")
     ap.add_argument("--write", type=Path, help="write the trained model as a checkpoint folder here")
-    ap.add_argument("--write-only", action="store_true", help="write the params saved in --out without training")
+    ap.add_argument("--write-only", action="store_true", help="write the latest params saved in --out, train no further")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    tc = TrainConfig(steps=args.steps)
 
     train_path, heldout_path = prepare_corpus(args.out, args.corpus_deb)
     tokenizer = train_tokenizer(args.out, train_path)
@@ -393,10 +400,15 @@ def main(argv=None) -> int:
         f"({train_path.stat().st_size / len(train_ids):.2f} bytes/token)")
 
     if args.bench:
-        bench(train_ids, tc, args.bench)
+        bench(train_ids, STAGES[0], args.bench)
         return 0
-    if not (args.out / "train_log.json").exists() and not args.write_only:
-        train(args.out, train_ids, heldout_ids, tc, DEMO)
+    if not args.write_only:
+        # Stage s starts from stage s-1's weights with fresh AdamW moments; finished stages are kept.
+        init = None
+        for stage, tc in enumerate(STAGES, start=1):
+            if not (args.out / f"train_log-{stage}.json").exists():
+                train(args.out, train_ids, heldout_ids, tc, DEMO, stage=stage, init=init)
+            init = load_params(args.out / f"params-{stage}.npz", DEMO)
     if args.write:
         import write_demo  # noqa: PLC0415
 

@@ -93,12 +93,12 @@ def write(work: Path, dest: Path, cfg, tokenizer: Path, heldout_ids: np.ndarray)
     from grokcli.checkpoint.writer import write_checkpoint
     from train_demo import heldout_loss, load_params, make_eval
 
-    from train_demo import TrainConfig
+    from train_demo import STAGES
 
-    log_path = work / "train_log.json"
-    record = json.loads(log_path.read_text()) if log_path.exists() else None
-    seq = TrainConfig.seq
-    params = load_params(work / "params.npz", cfg)
+    records = [json.loads((work / f"train_log-{i}.json").read_text()) for i in range(1, len(STAGES) + 1)
+               if (work / f"train_log-{i}.json").exists()]
+    seq = STAGES[0].seq
+    params = load_params(work / f"params-{len(records)}.npz", cfg)
     float_loss = heldout_loss(make_eval(cfg), jax.tree_util.tree_map(jnp.asarray, params), heldout_ids, seq)
     log(f"held-out loss, float32 training forward: {float_loss:.4f}")
 
@@ -137,8 +137,8 @@ def write(work: Path, dest: Path, cfg, tokenizer: Path, heldout_ids: np.ndarray)
         "uniform_loss": round(math.log(cfg.vocab_size), 4), "fixture_loss_int8": round(fixture_loss, 4),
         "checkpoint_bytes": ckpt_bytes, "shipped_bytes": total_bytes,
         "parameters": int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params))),
-        "training": record and {k: record[k] for k in ("seed", "train", "seconds", "train_tokens",
-                                                       "final_train_loss", "final_heldout_loss", "jax", "devices")},
+        "training": [{k: r[k] for k in ("stage", "seed", "train", "seconds", "train_tokens", "final_train_loss",
+                                        "final_heldout_loss", "jax", "devices")} for r in records],
         "samples": {"prompt": SAMPLE_PROMPT, "max_tokens": 120, **samples},
     }
     _atomic_text(work / "metrics.json", json.dumps(metrics, indent=1) + "\n")
