@@ -126,8 +126,19 @@ def _spm_train(spm, out: Path, train_path: Path) -> None:
     spm.set_random_generator_seed(SEED)
     # SentencePiece reads its input line by line; paragraphs are the "sentences", and the
     # newline between them is the user-defined piece "\n" in the encoded stream.
+    # Relative paths, run from the work folder: the model file records its trainer's arguments,
+    # and a shipped file should not carry this machine's paths.
+    cwd = os.getcwd()
+    os.chdir(out)
+    try:
+        _spm_train_here(spm, train_path.name)
+    finally:
+        os.chdir(cwd)
+
+
+def _spm_train_here(spm, train_name: str) -> None:
     spm.SentencePieceTrainer.train(
-        input=str(train_path), model_prefix=str(out / "tokenizer"), model_type="bpe",
+        input=train_name, model_prefix="tokenizer", model_type="bpe",
         vocab_size=VOCAB, character_coverage=1.0, byte_fallback=True,
         pad_id=0, pad_piece="[PAD]", bos_id=1, bos_piece="[BOS]", eos_id=2, eos_piece="[EOS]",
         unk_id=3, unk_piece="[UNK]", user_defined_symbols=["\n"],
