@@ -1,8 +1,12 @@
 """Ship a trained demo model: write it in the official layout, measure it through grokcli, sample it.
 
 Called by `tools/train_demo.py --write DEST`. Writes into DEST (normally grokcli/demo/):
-`ckpt-0/`, `config.json`, `tokenizer.model`, and `metrics.json` (losses, sizes, samples) for the
-model card; and the held-out test fixture tests/data/demo_heldout.txt.
+`ckpt-0/`, `config.json`, `tokenizer.model` and, when DEST has a README.md (the model card),
+`manifest.json`; into the work folder `metrics.json` (losses, sizes, samples) for the model card;
+and the held-out test fixture tests/data/demo_heldout.txt.
+
+Run directly (`write_demo.py DEST`) it only rewrites DEST's manifest.json, e.g. after editing
+the model card.
 """
 
 from __future__ import annotations
