@@ -705,9 +705,12 @@ def _run_completions(lm, tok, texts: list[str], sampling: SamplingParams, *, res
     sink = tui.TextSink(show_probs=show_probs)
     n = len(texts)
     if n == 1:
-        events = grokcli.stream_generate(lm, tok, texts[0], sampling, truncate="left" if truncate else None)
+        # continuation: the printed text continues the prompt (keeps the first piece's leading space)
+        events = grokcli.stream_generate(lm, tok, texts[0], sampling, truncate="left" if truncate else None,
+                                         continuation=True)
     else:
-        events = grokcli.stream_generate_batch(lm, tok, texts, sampling, truncate="left" if truncate else None)
+        events = grokcli.stream_generate_batch(lm, tok, texts, sampling, truncate="left" if truncate else None,
+                                               continuation=True)
     streaming = stream and not json_out
     token_events: list[list] = [[] for _ in range(n)]
     pending: list[list[str]] = [[] for _ in range(n)]  # text of rows not yet allowed to print

@@ -156,12 +156,16 @@ def _fit_prompt(ids: list[int], context: int, max_tokens: int, truncate: str | N
 
 
 def stream_generate_batch(model, tokenizer, prompts: Sequence, sampling=None, *, truncate: str | None = None,
-                          **overrides) -> Iterator[StatusEvent | TokenEvent | DoneEvent]:
+                          continuation: bool = False, **overrides) -> Iterator[StatusEvent | TokenEvent | DoneEvent]:
     """Generate for several prompts together; yields events whose `row` names the prompt.
 
     `sampling` is one SamplingParams for all prompts or a list with one per prompt; keyword
     overrides (temperature=..., max_tokens=...) apply to all. Raises ValueError /
     PromptTooLongError before any work when a parameter or a prompt is unusable.
+
+    Text deltas concatenate to `tokenizer.decode(generated_ids)`. With `continuation=True` they
+    are the text that continues the prompt instead: a leading space that `decode` drops at the
+    start of a text is kept, so `prompt + text` reads right (what the CLI and the REPL print).
     """
     cfg = model.config
     if not prompts:
@@ -177,23 +181,25 @@ def stream_generate_batch(model, tokenizer, prompts: Sequence, sampling=None, *,
         ids, note = _fit_prompt(_encode(tokenizer, prompt, cfg.vocab_size), cfg.sequence_len, p.max_tokens, truncate)
         if note:
             notes.append(f"prompt {i}: {note}" if len(prompts) > 1 else note)
-        rows.append(_Row(i, ids, p, tokenizer, *_text_state(tokenizer, p)))
+        rows.append(_Row(i, ids, p, tokenizer, *_text_state(tokenizer, p, continuation)))
     return _run(model, rows, notes)
 
 
-def _text_state(tokenizer, params: SamplingParams):
+def _text_state(tokenizer, params: SamplingParams, continuation: bool):
     if tokenizer is None:
         return None, None
     from .stops import StopMatcher
     from .tokenizer import IncrementalDetokenizer
 
-    return IncrementalDetokenizer(tokenizer), StopMatcher(list(params.stop))
+    return IncrementalDetokenizer(tokenizer, continuation), StopMatcher(list(params.stop))
 
 
 def stream_generate(model, tokenizer, prompt, sampling: SamplingParams | None = None, *,
-                    truncate: str | None = None, **overrides) -> Iterator[StatusEvent | TokenEvent | DoneEvent]:
+                    truncate: str | None = None, continuation: bool = False,
+                    **overrides) -> Iterator[StatusEvent | TokenEvent | DoneEvent]:
     """Generate for one prompt (text or token ids), yielding status, token and done events."""
-    return stream_generate_batch(model, tokenizer, [prompt], sampling, truncate=truncate, **overrides)
+    return stream_generate_batch(model, tokenizer, [prompt], sampling, truncate=truncate,
+                                 continuation=continuation, **overrides)
 
 
 def _run(model, rows: list[_Row], notes: list[str]):
@@ -355,11 +361,12 @@ def _completion(prompt, done: DoneEvent, row: list[TokenEvent]) -> Completion:
 
 
 def generate_batch(model, tokenizer, prompts: Sequence, sampling=None, *, truncate: str | None = None,
-                   **overrides) -> list[Completion]:
+                   continuation: bool = False, **overrides) -> list[Completion]:
     """Finished completions for several prompts, generated together, in prompt order."""
     tokens: dict[int, list[TokenEvent]] = {i: [] for i in range(len(prompts))}
     done: dict[int, DoneEvent] = {}
-    for event in stream_generate_batch(model, tokenizer, prompts, sampling, truncate=truncate, **overrides):
+    for event in stream_generate_batch(model, tokenizer, prompts, sampling, truncate=truncate,
+                                       continuation=continuation, **overrides):
         if isinstance(event, TokenEvent):
             tokens[event.row].append(event)
         elif isinstance(event, DoneEvent):
@@ -368,6 +375,7 @@ def generate_batch(model, tokenizer, prompts: Sequence, sampling=None, *, trunca
 
 
 def generate(model, tokenizer, prompt, sampling: SamplingParams | None = None, *, truncate: str | None = None,
-             **overrides) -> Completion:
+             continuation: bool = False, **overrides) -> Completion:
     """The finished completion of one prompt (`text`, `token_ids`, `finish_reason`, `stats`)."""
-    return generate_batch(model, tokenizer, [prompt], sampling, truncate=truncate, **overrides)[0]
+    return generate_batch(model, tokenizer, [prompt], sampling, truncate=truncate, continuation=continuation,
+                          **overrides)[0]

@@ -188,7 +188,8 @@ class ReplSession:
                        f"the answer may stop early (/clear or /undo to make room)")
         self.generations += 1
         status = tui.StatusDisplay(quiet=self.quiet)
-        events = self._stream(self.model, self.tokenizer, prompt, sampling, truncate=truncate)
+        # The answer continues the transcript: keep its first piece's leading space.
+        events = self._stream(self.model, self.tokenizer, prompt, sampling, truncate=truncate, continuation=True)
         wrote_any = False
         try:
             for ev in events:

@@ -159,10 +159,13 @@ class IncrementalDetokenizer:
     (plus a one-piece anchor), so the cost per token is O(1) amortised.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, continuation: bool = False):
+        """`continuation=True`: the ids continue a text (a prompt), so the first piece keeps the
+        leading space that `decode` drops at the start of a text ("▁there" -> " there"); the deltas
+        then equal `decode(prompt + ids)[len(decode(prompt)):]` for a prompt ending in a visible id."""
         self._tok = tokenizer
         self._pending: list[int] = []  # ids since the last point where the text was final
-        self._started = False  # whether a visible id has been decoded (start-of-text state over)
+        self._started = continuation  # whether the start-of-text state is over
         self.token_ids: list[int] = []  # every id pushed so far
 
     def push(self, token_id: int) -> str:

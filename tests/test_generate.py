@@ -304,3 +304,19 @@ def test_keyboard_interrupt_finishes_with_interrupted(tiny):
     assert len(done.token_ids) == 2
     with pytest.raises(StopIteration):
         next(stream)
+
+
+def test_continuation_text_reads_on_from_the_prompt(tiny_a):
+    """With continuation=True the text is what follows the prompt in decode(prompt + generated)."""
+    model, tok = tiny_a
+    prompt = "Once upon a time"
+    kw = dict(temperature=1.0, seed=4, max_tokens=12, ignore_eos=True)
+    plain = grokcli.generate(model, tok, prompt, **kw)
+    cont = grokcli.generate(model, tok, prompt, continuation=True, **kw)
+    assert cont.token_ids == plain.token_ids
+    prompt_ids = tok.encode(prompt)
+    whole = tok.decode(prompt_ids + list(cont.token_ids))
+    assert cont.text == whole[len(tok.decode(prompt_ids)):]
+    assert plain.text == tok.decode(list(plain.token_ids))
+    starts_with_space = tok.id_to_piece(cont.token_ids[0]).startswith("\u2581")
+    assert cont.text == (" " if starts_with_space else "") + plain.text

@@ -31,7 +31,7 @@ class FakeStream:
         self.interrupt_after = interrupt_after
         self.closed = 0
 
-    def __call__(self, model, tokenizer, prompt, sampling, *, truncate=None):
+    def __call__(self, model, tokenizer, prompt, sampling, *, truncate=None, continuation=False):
         self.prompts.append(prompt)
         self.samplings.append(sampling)
         self.truncates.append(truncate)

@@ -225,3 +225,15 @@ def test_byte_spelled_characters_stream_one_character_per_last_byte(tok, prefix,
         deltas = [detok.push(byte_id(tok, b)) for b in encoded]
         assert deltas == [""] * (len(encoded) - 1) + [ch]
     assert detok.flush() == ""
+
+
+@PROPERTY
+@given(prompt=st.text(min_size=1, max_size=30), text=st.text(max_size=40))
+def test_continuation_deltas_follow_the_prompt(tok, prompt, text):
+    prompt_ids = tok.encode(prompt)
+    ids = tok.encode(text)
+    if not prompt_ids or prompt_ids[-1] in (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id):
+        return
+    detok = IncrementalDetokenizer(tok, continuation=True)
+    streamed = "".join(detok.push(i) for i in ids) + detok.flush()
+    assert streamed == tok.decode(prompt_ids + ids)[len(tok.decode(prompt_ids)):]
