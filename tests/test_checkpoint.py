@@ -598,3 +598,16 @@ def test_full_grok1_layout_is_checked_in_seconds(tmp_path):
         check_checkpoint_shapes(d, ModelConfig(**{**GROK_1.__dict__, "num_layers": 63}))
     router = read_leaf(files[13], param_specs(GROK_1)[13])
     assert router.shape == (6144, 8) and not router.any()
+
+
+def test_written_files_get_the_usual_permissions(tmp_path, tiny_config, tiny_checkpoint):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        out = tiny_checkpoint(tiny_config())
+    finally:
+        os.umask(mask)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in [out / "config.json", *(out / "ckpt-0").iterdir()]}
+    assert modes == {0o644}
