@@ -1073,6 +1073,7 @@ def verify_checkpoint_cmd(
     write_manifest: Annotated[bool, typer.Option(
         "--write-manifest", rich_help_panel=_VERIFY_PANEL,
         help="Record sizes and SHA-256 of this (known-good) copy in manifest.json when every check passes.")] = False,
+    model: ModelOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -1089,6 +1090,14 @@ def verify_checkpoint_cmd(
     from .tui import format_bytes, stderr_console
     from .verify import VerifyUsageError, verify_checkpoint
 
+    if model is not None:
+        if directory is not None:
+            raise usage_error("give either a directory or --model, not both")
+        if model not in MODEL_NAMES:
+            raise usage_error(f"unknown --model {model!r}: choose one of {', '.join(MODEL_NAMES)}")
+        from .paths import demo_model_dir
+
+        directory = demo_model_dir() if model == "demo" else default_checkpoint_dir()
     directory = (directory or default_checkpoint_dir()).expanduser()
     if not directory.is_dir():
         raise usage_error(f"{directory} is not a checkpoint directory"

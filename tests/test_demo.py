@@ -179,10 +179,12 @@ def _grok(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_grok_verify_checkpoint_passes_on_the_demo():
-    proc = _grok("verify-checkpoint", str(DEMO))
+@pytest.mark.parametrize("where", [["DIR"], ["--model", "demo"]])
+def test_grok_verify_checkpoint_passes_on_the_demo(where):
+    proc = _grok("verify-checkpoint", *[str(DEMO) if w == "DIR" else w for w in where])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""  # the verdict is for people: stderr
+    assert str(DEMO) in proc.stderr and "OK" in proc.stderr
 
 
 @pytest.mark.slow
