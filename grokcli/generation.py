@@ -283,7 +283,7 @@ def _run(model, rows: list[_Row], notes: list[str]):
                     active.remove(r)
                     yield _done(r, _stats(r, t_start, t_prefill, t_first, lengths))
             if not active or out is None:
-                for r in active:  # only reachable when out is None: every row hit max_tokens
+                for r in active:  # defensive: _advance finishes every row before `out` runs dry
                     r.finish_reason = "length"
                     yield _done(r, _stats(r, t_start, t_prefill, t_first, lengths))
                 return
@@ -332,8 +332,8 @@ def _finish_text(r: _Row) -> str:
 
 
 def _done(r: _Row, stats: GenerationStats) -> DoneEvent:
-    if r.finish_reason in ("eos", "interrupted") and r.detok is not None:
-        r.text.append(_finish_text(r))
+    if r.finish_reason != "stop" and r.detok is not None:
+        r.text.append(_finish_text(r))  # idempotent: "" when _advance already flushed at "length"
     return DoneEvent(r.index, r.finish_reason, "".join(r.text), tuple(r.token_ids), stats)
 
 
