@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 from .config import GROK_1, ModelConfig, load_config
-from .errors import CheckpointError, ConfigError, GrokError, PromptTooLongError, TokenizerError
+from .errors import CheckpointError, ConfigError, GrokError, PromptError, PromptTooLongError, TokenizerError
 from .events import Completion, DoneEvent, GenerationStats, StatusEvent, TokenEvent, TopLogprob
 from .sampling import SamplingParams
 
@@ -30,7 +30,7 @@ _LAZY = {
 
 __all__ = [
     "GROK_1", "ModelConfig", "load_config", "SamplingParams",
-    "GrokError", "ConfigError", "CheckpointError", "TokenizerError", "PromptTooLongError",
+    "GrokError", "ConfigError", "CheckpointError", "TokenizerError", "PromptError", "PromptTooLongError",
     "Completion", "DoneEvent", "GenerationStats", "StatusEvent", "TokenEvent", "TopLogprob",
     *_LAZY,
 ]

@@ -25,7 +25,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, GrokError, PromptTooLongError, TokenizerError
+from .errors import CheckpointError, ConfigError, GrokError, PromptError, TokenizerError
 from .sampling import SamplingParams
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ class UsageError(GrokError):
 
 
 # Library errors caused by what the user typed, rather than by what is on disk.
-_USAGE_ERRORS: tuple[type[BaseException], ...] = (UsageError, PromptTooLongError)
+_USAGE_ERRORS: tuple[type[BaseException], ...] = (UsageError, PromptError)
 
 
 @dataclasses.dataclass
@@ -738,6 +738,7 @@ def _run_completions(lm, tok, texts: list[str], sampling: SamplingParams, *, res
                 dones[ev.row] = ev
                 # Rows finish in any order; print every finished row up to the first unfinished one.
                 while streaming and current < n and dones[current] is not None:
+                    sink.write(dones[current].final_delta)  # text the row released as it ended
                     emit_row_end(current)
                     current += 1
                     if current < n:
@@ -752,7 +753,7 @@ def _run_completions(lm, tok, texts: list[str], sampling: SamplingParams, *, res
         if streaming and _isatty(sink.stream):
             sink.end_line()
         tui.stderr_console().print("interrupted")
-        raise  # typer turns it into exit code 130
+        raise  # click turns it into Abort: exit code 130
     finally:
         status.stop()
 
@@ -772,6 +773,10 @@ def _run_completions(lm, tok, texts: list[str], sampling: SamplingParams, *, res
     if not quiet:
         for i in range(n):
             tui.print_stats(dones[i].stats, dones[i].finish_reason, prefix=f"[{i + 1}] " if n > 1 else "")
+    if any(d.finish_reason == "interrupted" for d in dones):
+        # Ctrl-C landed inside the engine, which finished the rows as "interrupted" after the
+        # partial text was shown: still exit as an interrupted command does.
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 

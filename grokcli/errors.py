@@ -17,5 +17,9 @@ class TokenizerError(GrokError):
     """The tokenizer is missing, unreadable, or does not fit the model."""
 
 
-class PromptTooLongError(GrokError, ValueError):
+class PromptError(GrokError, ValueError):
+    """A prompt cannot be used: empty, text without a tokenizer, token ids outside the vocabulary."""
+
+
+class PromptTooLongError(PromptError):
     """A prompt does not fit in the context window with room for one new token."""

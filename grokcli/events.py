@@ -59,6 +59,10 @@ class DoneEvent:
     text: str  # the complete generated text (stop string excluded)
     token_ids: tuple[int, ...]  # every generated token id (the stop string's tokens included)
     stats: GenerationStats
+    # Text released when the row ended that no TokenEvent carried (held back for a possible stop
+    # string or an unfinished character, then freed by EOS or an interruption). Renderers print
+    # it after the row's last token: the row's TokenEvent texts + final_delta == text.
+    final_delta: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import model as model_fn
 from . import samplers
-from .errors import PromptTooLongError
+from .errors import PromptError, PromptTooLongError
 from .events import Completion, DoneEvent, GenerationStats, StatusEvent, TokenEvent, TopLogprob
 from .sampling import SamplingParams, sampling_params
 
@@ -131,15 +131,15 @@ class _Row:
 def _encode(tokenizer, prompt, vocab_size: int) -> list[int]:
     if isinstance(prompt, str):
         if tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer (or pass a list of token ids)")
+            raise PromptError("a text prompt needs a tokenizer (or pass a list of token ids)")
         ids = tokenizer.encode(prompt)
     else:
         ids = [int(i) for i in prompt]
         bad = [i for i in ids if not 0 <= i < vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+            raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
     if not ids:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise PromptError("the prompt is empty: give at least one token")
     return ids
 
 
@@ -168,6 +168,8 @@ def stream_generate_batch(model, tokenizer, prompts: Sequence, sampling=None, *,
     start of a text is kept, so `prompt + text` reads right (what the CLI and the REPL print).
     """
     cfg = model.config
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of prompts; use stream_generate() for a single prompt")
     if not prompts:
         raise ValueError("no prompts given")
     if truncate not in (None, "left"):
@@ -326,15 +328,17 @@ def _finish_text(r: _Row) -> str:
     tail, stopped = r.stopper.feed(r.detok.flush())
     if not stopped:
         tail += r.stopper.flush()  # may still complete an overlapping stop string
-    if r.stopper.stopped and r.finish_reason == "length":
-        r.finish_reason = "stop"
+    if r.stopper.stopped and r.finish_reason in ("length", "eos"):
+        r.finish_reason = "stop"  # the released text completed a stop string
     return tail
 
 
 def _done(r: _Row, stats: GenerationStats) -> DoneEvent:
+    final_delta = ""
     if r.finish_reason != "stop" and r.detok is not None:
-        r.text.append(_finish_text(r))  # idempotent: "" when _advance already flushed at "length"
-    return DoneEvent(r.index, r.finish_reason, "".join(r.text), tuple(r.token_ids), stats)
+        final_delta = _finish_text(r)  # "" when _advance already flushed at "length"
+        r.text.append(final_delta)
+    return DoneEvent(r.index, r.finish_reason, "".join(r.text), tuple(r.token_ids), stats, final_delta)
 
 
 def _stats(r: _Row, t_start, t_prefill, t_first, lengths) -> GenerationStats:

@@ -147,10 +147,17 @@ def _gathered(x, w: QuantizedWeight, experts, dtype):
     block_rows = n_in // blocks
     scales = w.scales.astype(dtype)  # [E, blocks, out]
     if not _chunked_backend():
-        xb = x.reshape(x.shape[0], blocks, block_rows)
-        wb = w.weight[experts].reshape(x.shape[0], blocks, block_rows, n_out).astype(dtype)
-        partial = jnp.einsum("nbi,nbio->nbo", xb, wb, preferred_element_type=jnp.float32)
-        return (partial * scales[experts].astype(jnp.float32)).sum(1).astype(dtype)
+        # One row at a time, so that only one expert's converted weight exists at once (a gather
+        # of every row's expert would hold rows x [in, out] in the compute dtype: GBs for Grok-1).
+        def one_row(inputs):
+            xn, e = inputs
+            wb = jax.lax.dynamic_index_in_dim(w.weight, e, keepdims=False)
+            wb = wb.reshape(blocks, block_rows, n_out).astype(dtype)
+            partial = jnp.einsum("bi,bio->bo", xn.reshape(blocks, block_rows), wb,
+                                 preferred_element_type=jnp.float32)
+            return (partial * scales[e].astype(jnp.float32)).sum(0).astype(dtype)
+
+        return jax.lax.map(one_row, (x, experts))
     rows = _rows_per_chunk(block_rows, n_out, copies=x.shape[0])
     n_chunks = n_in // rows
     w_chunks = w.weight.reshape(n_exp, n_chunks, rows, n_out)

@@ -204,6 +204,9 @@ class ReplSession:
                         self._write(ev.text)
                         wrote_any = True
                 elif kind == "DoneEvent":
+                    if ev.final_delta:
+                        self._write(ev.final_delta)
+                        wrote_any = True
                     turn.output = ev.text
                     turn.finish_reason = ev.finish_reason
                     if wrote_any or ev.text:

@@ -16,7 +16,7 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus: smallest set whose probability reaches top_p; 1 disables
     min_p: float = 0.0  # drop tokens less likely than min_p x the top token's probability; 0 disables
     repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or output; 1 disables
-    seed: int = 0  # same seed and parameters give the same tokens
+    seed: int = 0  # same seed, parameters and batch position give the same tokens; rows draw independently
     max_tokens: int = 256  # at most this many new tokens
     stop: tuple[str, ...] = ()  # generation ends before any of these strings
     ignore_eos: bool = False  # keep going past the end-of-sequence token
@@ -37,7 +37,8 @@ class SamplingParams:
         _check(isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
                and self.repetition_penalty > 0,
                f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
-        _check(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        _check(_is_int(self.seed) and 0 <= self.seed < 2**32,
+               f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")

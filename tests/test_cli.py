@@ -70,8 +70,9 @@ def _stats(prompt_tokens=3, generated=0):
 class FakeEngine:
     """Stands in for grokcli.load / stream_generate_batch; records what the CLI asked for."""
 
-    def __init__(self, rows, *, finish="length", order=None, interrupt_after=None, error=None):
+    def __init__(self, rows, *, finish="length", order=None, interrupt_after=None, error=None, final_delta=""):
         self.rows = rows  # list of token-text lists, one per prompt
+        self.final_delta = final_delta  # text each row releases only in its DoneEvent
         self.finish = finish
         self.order = order  # row indices in the order their DoneEvents arrive
         self.interrupt_after = interrupt_after  # raise KeyboardInterrupt after this many tokens
@@ -114,8 +115,8 @@ class FakeEngine:
                         n += 1
             for row in self.order or range(len(prompts)):
                 toks = self.rows[row]
-                yield DoneEvent(row, self.finish, "".join(toks), tuple(range(100, 100 + len(toks))),
-                                _stats(generated=len(toks)))
+                yield DoneEvent(row, self.finish, "".join(toks) + self.final_delta,
+                                tuple(range(100, 100 + len(toks))), _stats(generated=len(toks)), self.final_delta)
         finally:
             self.closed = True
 
@@ -587,3 +588,20 @@ def test_pipe_streams_text_only(real_ckpt):
     assert proc.returncode == 0, proc.stderr
     assert ANSI not in proc.stdout and proc.stdout.strip()
     assert "finish: length" in proc.stderr and "loaded" in proc.stderr
+
+
+def test_text_released_at_the_end_of_a_row_is_printed(monkeypatch, fake_ckpt):
+    """A DoneEvent's final_delta (held back for a stop string, freed by EOS) reaches stdout."""
+    use_fake(monkeypatch, FakeEngine([["Hello", " wor"], ["x"]], finish="eos", final_delta="ld"))
+    r = run("complete", "-c", str(fake_ckpt), "hi", "--quiet")
+    assert r.exit_code == 0 and r.stdout == "Hello world"
+    r = run("complete", "-c", str(fake_ckpt), "-p", "a", "-p", "b", "--quiet")
+    assert r.stdout.splitlines() == ["Hello world", "xld"]
+
+
+def test_interruption_inside_the_engine_still_exits_130(monkeypatch, fake_ckpt):
+    """Ctrl-C caught by the engine ends rows as "interrupted": the text is kept, the exit code is 130."""
+    use_fake(monkeypatch, FakeEngine([["a", "b"]], finish="interrupted"))
+    r = run("complete", "-c", str(fake_ckpt), "hi")
+    assert r.exit_code == 130
+    assert r.stdout == "ab" and "interrupted" in r.stderr and "Traceback" not in r.stderr

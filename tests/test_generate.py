@@ -320,3 +320,30 @@ def test_continuation_text_reads_on_from_the_prompt(tiny_a):
     assert plain.text == tok.decode(list(plain.token_ids))
     starts_with_space = tok.id_to_piece(cont.token_ids[0]).startswith("\u2581")
     assert cont.text == (" " if starts_with_space else "") + plain.text
+
+
+def test_eos_releases_text_held_for_a_stop_string(tiny_a):
+    """Text held back as a possible stop-string start is released in DoneEvent.final_delta at EOS."""
+    model, tok = tiny_a
+    prompt = "The answer to life the universe and everything is of course"
+    probe = grokcli.generate(model, tok, prompt, temperature=0, max_tokens=8, ignore_eos=True)
+    eos = probe.token_ids[4]
+    first = probe.token_ids.index(eos)
+    before = tok.decode(list(probe.token_ids[:first]))
+    stop = before[-3:] + "\u2603never"  # starts with the text's tail, never completes
+    with_eos = Model(config=dataclasses.replace(model.config, eos_token=eos), params=model.params, dtype=model.dtype)
+    tokens, done = run(with_eos, tok, prompt, temperature=0, max_tokens=8, stop=[stop])
+    assert done.finish_reason == "eos"
+    assert done.final_delta == before[-3:]
+    assert "".join(e.text for e in tokens) + done.final_delta == done.text == before
+
+
+def test_prompts_must_be_a_list_and_empty_prompts_are_prompt_errors(tiny):
+    with pytest.raises(TypeError, match="list of prompts"):
+        grokcli.stream_generate_batch(tiny, None, "hello")
+    with pytest.raises(grokcli.PromptError, match="empty"):
+        grokcli.generate(tiny, None, [])
+    with pytest.raises(grokcli.PromptError, match="outside the vocabulary"):
+        grokcli.generate(tiny, None, [1, 10**6])
+    with pytest.raises(ValueError, match="seed"):
+        grokcli.generate(tiny, None, [1, 2], seed=2**32)

@@ -74,3 +74,28 @@ def test_plain_weights_take_the_same_helper():
     e = np.array([2, 0, 2])
     np.testing.assert_allclose(np.asarray(qmatmul(jnp.asarray(x), jnp.asarray(w), experts=e)),
                                np.einsum("ni,nio->no", x, w[e]), rtol=1e-5, atol=1e-5)
+
+
+def test_whole_forward_in_the_accelerator_form_matches_the_oracle():
+    """The model's decode (gathered) and prefill (grouped) expert paths, accelerator form."""
+    from grokcli import model as model_fn
+    from grokcli.checkpoint import random_params
+    from grokcli.config import ModelConfig
+
+    from conftest import TINY_CONFIG
+    from numpy_reference import forward_row
+
+    cfg = ModelConfig(**TINY_CONFIG)
+    params = random_params(cfg, 3)
+    dev = jax.tree.map(jnp.asarray, params)
+    tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, size=(1, 7)).astype(np.int32)
+    want = forward_row(params, tokens[0], cfg)
+    full = np.asarray(jax.jit(lambda p, t: model_fn.logits(p, t, cfg, dtype=jnp.float32))(dev, tokens))[0]
+    np.testing.assert_allclose(full, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    # Token by token through the cache: 2 (token, expert) pairs per step take the gathered path.
+    step = jax.jit(lambda p, t, c: model_fn.forward(p, t, cfg, c, dtype=jnp.float32))
+    cache = model_fn.init_cache(cfg, 1, 16, jnp.float32)
+    for t in range(tokens.shape[1]):
+        h, cache = step(dev, jnp.asarray(tokens[:, t:t + 1]), cache)
+        got = np.asarray(model_fn.lm_head(dev, h, cfg))[0, 0]
+        np.testing.assert_allclose(got, want[t], rtol=2e-3, atol=2e-3 * np.abs(want).max())
