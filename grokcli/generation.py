@@ -123,8 +123,6 @@ class _Row:
     stopper: object | None
     token_ids: list[int] = dataclasses.field(default_factory=list)
     text: list[str] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    top_logprobs: list[tuple] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
 
 
@@ -307,8 +305,6 @@ def _advance(r: _Row, token: int, lp_host, cfg, context: int) -> TokenEvent | No
         ids, values = lp_host[1][r.index][: r.params.logprobs], lp_host[2][r.index][: r.params.logprobs]
         top = tuple(TopLogprob(int(i), r.tokenizer.token_text(int(i)) if r.tokenizer else "", float(v))
                     for i, v in zip(ids, values))
-        r.logprobs.append(logprob)
-        r.top_logprobs.append(top)
     delta = ""
     if r.detok is not None:
         delta, stopped = r.stopper.feed(r.detok.push(token))
