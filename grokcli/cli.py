@@ -368,12 +368,7 @@ def resolve_model(opts: ModelOptions) -> ResolvedModel:
 
 
 def setup_runtime(opts: ModelOptions, *, quiet: bool = False) -> None:
-    """Prepare JAX before the model loads: compile cache, distributed runtime, mesh checks.
-
-    NOTE: --mesh, --coordinator/--num-processes/--process-id and --device-memory are parsed and
-    validated here; they are passed to the library when grokcli.runtime / grokcli.sharding
-    provide the functions (see _call_runtime).
-    """
+    """Prepare JAX before the model loads: option checks, compile cache, distributed runtime."""
     if opts.mesh is not None:
         parse_mesh(opts.mesh)
     if opts.device_memory is not None:
@@ -382,43 +377,13 @@ def setup_runtime(opts: ModelOptions, *, quiet: bool = False) -> None:
         raise usage_error("multi-host needs --coordinator, --num-processes and --process-id together")
     if opts.process_id is not None and opts.num_processes is not None and opts.process_id >= opts.num_processes:
         raise usage_error(f"--process-id {opts.process_id} must be below --num-processes {opts.num_processes}")
-    _call_runtime(opts)
+    from . import runtime
+    from .distributed import DistributedError
 
-
-def _call_runtime(opts: ModelOptions) -> None:
-    """Hand the runtime options to the library (where it has the hooks)."""
     try:
-        from . import runtime  # type: ignore[attr-defined]
-    except ImportError:
-        runtime = None
-    if runtime is not None and hasattr(runtime, "configure"):
-        from .distributed import DistributedError
-
-        try:
-            runtime.configure(compile_cache=opts.compile_cache, coordinator=opts.coordinator,
-                              num_processes=opts.num_processes, process_id=opts.process_id)
-        except DistributedError as e:
-            raise usage_error(str(e)) from None
-        return
-    # No runtime module yet: at least honour --no-compile-cache / turn the cache on, through jax.
-    import jax
-
-    if opts.compile_cache:
-        from . import paths
-
-        cache = paths.cache_dir() / "jax-compile-cache"
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            jax.config.update("jax_compilation_cache_dir", str(cache))
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        except OSError:
-            pass  # a read-only home directory only costs compile time
-    from . import distributed
-
-    try:  # --coordinator/--num-processes/--process-id, else JAX_COORDINATOR_ADDRESS & co.
-        if distributed.initialize(opts.coordinator, opts.num_processes, opts.process_id):
-            distributed.quiet_unless_primary()  # every process runs the command; process 0 talks
-    except distributed.DistributedError as e:
+        runtime.configure(compile_cache=opts.compile_cache, coordinator=opts.coordinator,
+                          num_processes=opts.num_processes, process_id=opts.process_id)
+    except DistributedError as e:
         raise usage_error(str(e)) from None
 
 
@@ -713,7 +678,6 @@ def _run_completions(lm, tok, texts: list[str], sampling: SamplingParams, *, res
                                                continuation=True)
     streaming = stream and not json_out
     token_events: list[list] = [[] for _ in range(n)]
-    pending: list[list[str]] = [[] for _ in range(n)]  # text of rows not yet allowed to print
     dones: list = [None] * n
     current = 0  # the row whose text goes to stdout live; later rows wait their turn
 
@@ -730,10 +694,8 @@ def _run_completions(lm, tok, texts: list[str], sampling: SamplingParams, *, res
             status.stop()
             if kind == "TokenEvent":
                 token_events[ev.row].append(ev)
-                if streaming and ev.row == current:
+                if streaming and ev.row == current:  # later rows wait in token_events for their turn
                     sink.write(ev.text, ev.logprob)
-                else:
-                    pending[ev.row].append(ev.text)
             elif kind == "DoneEvent":
                 dones[ev.row] = ev
                 # Rows finish in any order; print every finished row up to the first unfinished one.
@@ -744,7 +706,6 @@ def _run_completions(lm, tok, texts: list[str], sampling: SamplingParams, *, res
                     if current < n:
                         for e in token_events[current]:
                             sink.write(e.text, e.logprob)
-                        pending[current].clear()
     except KeyboardInterrupt:
         status.stop()
         close = getattr(events, "close", None)
