@@ -25,7 +25,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, GrokError, PromptError, TokenizerError
+from .errors import CheckpointError, GrokError, PromptError
 from .sampling import SamplingParams
 
 # ---------------------------------------------------------------------------------------------

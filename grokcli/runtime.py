@@ -78,8 +78,6 @@ def configure(*, compile_cache: bool = True, coordinator: str | None = None, num
     The environment variable GROK_NO_COMPILE_CACHE (any value but "", "0", "false") also turns
     the cache off; the CLI's `--no-compile-cache` maps to `compile_cache=False`.
     """
-    import jax
-
     env_off = os.environ.get("GROK_NO_COMPILE_CACHE", "").strip().lower() not in ("", "0", "false", "no")
     if compile_cache and not env_off:
         enable_compile_cache()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +69,3 @@ def sampling_params(params: SamplingParams | None = None, **overrides) -> Sampli
     if unknown:
         raise TypeError(f"unknown sampling parameter(s): {', '.join(unknown)}")
     return dataclasses.replace(base, **overrides)
-
-
-def as_stop_tuple(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)

@@ -30,10 +30,6 @@ def set_color_mode(mode: str) -> None:
     _stderr[:] = [None, None]
 
 
-def color_mode() -> str:
-    return _color_mode
-
-
 def _wants_color(stream: IO) -> bool:
     if _color_mode == "always":
         return True
@@ -66,13 +62,6 @@ def stderr_console() -> Console:
     if _stderr[0] is not sys.stderr:
         _stderr[:] = [sys.stderr, _console_for(sys.stderr)]
     return _stderr[1]
-
-
-def stderr_is_terminal() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def format_bytes(n: float) -> str:
