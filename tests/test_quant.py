@@ -64,3 +64,22 @@ def test_grouped_matches_a_per_expert_loop(sizes, row_blocks):
         jnp.asarray(x), _device(w), jnp.asarray(np.array(sizes, np.int32)), jnp.asarray(experts))
     full = _oracle(w)
     _close(got, np.stack([x[r].astype(np.float64) @ full[experts[r]] for r in range(n)]))
+
+
+@pytest.mark.parametrize("chunk_elements", [24 * 32, 24 * 16, 24 * 5])
+def test_grouped_chunks_that_cut_through_scale_blocks(monkeypatch, chunk_elements):
+    """Chunks of 32, 16 or 4 input rows over row blocks of 12: a chunk starts mid-block, spans blocks."""
+    import grokcli.quant as quant
+
+    monkeypatch.setattr(quant, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(quant, "_grouped_chunk_elements", lambda tile: chunk_elements)
+    rng = np.random.default_rng(7)
+    w = _weight(rng, (4, 96, 24), 8)
+    sizes = (7, 0, 30, 3)
+    n = sum(sizes)
+    x = rng.standard_normal((n, 96)).astype(np.float32)
+    experts = np.repeat(np.arange(4), sizes).astype(np.int32)
+    got = jax.jit(lambda x, w, g, e: qmatmul(x, w, group_sizes=g, experts=e))(
+        jnp.asarray(x), _device(w), jnp.asarray(np.array(sizes, np.int32)), jnp.asarray(experts))
+    full = _oracle(w)
+    _close(got, np.stack([x[r].astype(np.float64) @ full[experts[r]] for r in range(n)]))
