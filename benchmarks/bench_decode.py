@@ -175,6 +175,28 @@ def measure_bandwidth(mb: int) -> dict[str, float]:
     return out
 
 
+def measure_int8_rate(mb: int) -> float:
+    """GB/s at which jax turns int8 into f32 arithmetic: a sum of an int8 array converted to f32.
+
+    Not part of the roofline (that is the memory's bandwidth): it is the ceiling the compiler's
+    own code puts on any int8 weight read, printed so that a gap to the roofline can be told
+    apart from the memory system. On XLA:CPU it is several times below the f32 read rate.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n = mb << 20
+    data = jnp.ones((n,), jnp.int8)
+    total = jax.jit(lambda a: a.astype(jnp.float32).sum())
+    total(data).block_until_ready()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        total(data).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return n / min(times) / 1e9
+
+
 # ---------------------------------------------------------------------------------------------
 # The reference-style baseline (xai-org/grok-1 model.py's way of computing).
 
@@ -340,6 +362,8 @@ def main(argv=None) -> None:
 
     bw = measure_bandwidth(a.bandwidth_mb)
     print("memory read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
+    print(f"int8 -> f32 in jax (not the roofline; the compiler's int8 ceiling): "
+          f"{measure_int8_rate(a.bandwidth_mb):.1f} GB/s of int8")
 
     rng = np.random.default_rng(1)
     summary = []
