@@ -4,7 +4,7 @@ Writes a synthetic checkpoint of at least --size-gb GB once (Grok-1-shaped layer
 weights, written by the project's writer) into --workdir and reuses it. Then alternates, per
 round: `grokcli.load(path)` until every array is on the device, and a plain sequential read of
 the same files (one thread, `readinto` a reused 64 MiB buffer, like `cat`); for context also
-`np.fromfile` of each file into new memory (what any loader that keeps the weights in its own
+the same reads into new arrays, one per file (what any loader that keeps the weights in its own
 memory pays at least: first-touch page faults) and grokcli.load with numpy's transparent-huge-page
 request turned off (4K pages). All variants see
 the same page-cache state: "warm" (the files cached in RAM, which measures the CPU side) and,
@@ -99,9 +99,21 @@ def plain_read(files: list[Path], buf: memoryview) -> int:
     return total
 
 
-def fresh_reads(files: list[Path]) -> int:
-    """Read every file into a new array of its own (np.fromfile): plain reads plus first-touch page faults."""
-    arrays = [np.fromfile(p, np.uint8) for p in files]
+def fresh_reads(files: list[Path], chunk: int = 64 << 20) -> int:
+    """Read every file, one thread, with the same 64 MiB `readinto` calls, into a new array of its own.
+
+    Plain reads plus the first touch of new memory, and nothing else: the least any loader that
+    keeps the weights in its own memory pays, with numpy's allocator (huge pages) like grokcli's.
+    """
+    arrays = []
+    for p in files:
+        arr = np.empty(p.stat().st_size, np.uint8)
+        view = memoryview(arr)
+        with open(p, "rb", buffering=0) as f:
+            done = 0
+            while done < arr.nbytes and (n := f.readinto(view[done:done + chunk])):
+                done += n
+        arrays.append(arr)
     total = sum(a.nbytes for a in arrays)
     del arrays
     gc.collect()
