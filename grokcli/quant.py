@@ -72,8 +72,9 @@ def quantize(w: np.ndarray, row_blocks: int = 1) -> QuantizedWeight:
 #
 # Why 256 KiB: XLA:CPU splits an elementwise loop whose output is 512 KiB or more over two threads,
 # and on a small VM waking the second thread costs more than the loop (a 1 MiB convert took
-# 0.4 ms); chunks below that run on one thread, and stay in L2 for the dot that follows. The
-# decode step of the benchmark config is 25% faster than with 1 MiB chunks.
+# 0.4 ms); chunks below that run on one thread, and stay in L2 for the dot that follows. With the
+# per-row dynamic slices of `_gathered`, the batch-1 decode step of the benchmark config is 1.26x
+# faster than with 1 MiB chunks and a gather (benchmarks/README.md).
 
 _CHUNK_ELEMENTS = 1 << 16  # f32 elements of one dequantised chunk (256 KiB)
 
@@ -234,7 +235,8 @@ def _grouped_tiles(x, w: QuantizedWeight, group_sizes, dtype):
 
     The scales are multiplied into the dequantised chunk (exact: an int8 times a bfloat16 scale is
     a float32 without rounding), so a chunk may span several row blocks: fewer, larger dots, which
-    is what XLA:CPU runs efficiently (25% faster prefill than chunks cut at block boundaries).
+    is what XLA:CPU runs efficiently (a 64-token prefill of the benchmark config: 124 ms with 2 MiB
+    chunks across blocks, 165 ms with 256 KiB chunks cut at block boundaries).
     """
     n_exp, n_in, n_out = w.weight.shape
     n_rows = x.shape[0]
