@@ -341,7 +341,6 @@ def main(argv=None) -> None:
     import jax
 
     import grokcli
-    from grokcli.generation import length_bucket
 
     cfg = make_config(a)
     batches = [int(x) for x in a.batch.split(",")]

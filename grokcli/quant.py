@@ -83,9 +83,16 @@ def _chunked_backend() -> bool:
     return jax.default_backend() == "cpu"
 
 
+_MIN_CHUNK_ROWS = 8  # wide matrices (Grok-1: 32768 outputs) get larger chunks, not 1-row loops
+
+
 def _rows_per_chunk(n_rows: int, n_out: int, copies: int = 1, chunk_elements: int | None = None) -> int:
-    """Largest divisor of `n_rows` whose chunk (rows x out x copies) stays within the chunk size."""
-    target = max(1, (chunk_elements or _CHUNK_ELEMENTS) // max(1, n_out * copies))
+    """Largest divisor of `n_rows` whose chunk (rows x out x copies) stays within the chunk size.
+
+    At least `_MIN_CHUNK_ROWS` rows are aimed for, so that a loop step never shrinks to a row or
+    two of a very wide matrix, where the per-step overhead would dominate.
+    """
+    target = max(_MIN_CHUNK_ROWS, (chunk_elements or _CHUNK_ELEMENTS) // max(1, n_out * copies))
     best = 1
     for d in range(1, n_rows + 1):
         if n_rows % d == 0 and d <= target:
@@ -148,7 +155,7 @@ def _dense(x, w: QuantizedWeight, dtype):
 
 def _gathered(x, w: QuantizedWeight, experts, dtype):
     """Row n of x [N, in] times expert experts[n] of w [E, in, out], reading only those experts."""
-    n_exp, n_in, n_out = w.weight.shape
+    _, n_in, n_out = w.weight.shape
     blocks = w.row_blocks
     block_rows = n_in // blocks
     scales = w.scales.astype(dtype)  # [E, blocks, out]
