@@ -56,10 +56,14 @@ def test_gathered_rows_use_their_own_expert(row_blocks):
 def test_grouped_matches_a_per_expert_loop(sizes, row_blocks):
     """Groups empty, tiny, straddling tiles and filling everything; rows sorted by expert."""
     rng = np.random.default_rng(sum(sizes))
-    w = _weight(rng, (8, 64, 24), row_blocks)
-    n = sum(sizes)
-    x = rng.standard_normal((n, 64)).astype(np.float32)
-    experts = np.repeat(np.arange(8), sizes).astype(np.int32)
+    _check_grouped(rng, _weight(rng, (8, 64, 24), row_blocks), sizes)
+
+
+def _check_grouped(rng, w: QuantizedWeight, sizes):
+    """qmatmul's grouped mode on random rows sorted by expert (`sizes` per expert) vs the oracle."""
+    n, n_in = sum(sizes), w.weight.shape[1]
+    x = rng.standard_normal((n, n_in)).astype(np.float32)
+    experts = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
     got = jax.jit(lambda x, w, g, e: qmatmul(x, w, group_sizes=g, experts=e))(
         jnp.asarray(x), _device(w), jnp.asarray(np.array(sizes, np.int32)), jnp.asarray(experts))
     full = _oracle(w)
@@ -68,18 +72,10 @@ def test_grouped_matches_a_per_expert_loop(sizes, row_blocks):
 
 @pytest.mark.parametrize("chunk_elements", [24 * 32, 24 * 16, 24 * 5])
 def test_grouped_chunks_that_cut_through_scale_blocks(monkeypatch, chunk_elements):
-    """Chunks of 32, 16 or 4 input rows over row blocks of 12: a chunk starts mid-block, spans blocks."""
+    """Chunks of 32, 16 or 8 input rows over row blocks of 12: a chunk starts mid-block, spans blocks."""
     import grokcli.quant as quant
 
     monkeypatch.setattr(quant, "_CHUNK_ELEMENTS", chunk_elements)
     monkeypatch.setattr(quant, "_grouped_chunk_elements", lambda tile: chunk_elements)
     rng = np.random.default_rng(7)
-    w = _weight(rng, (4, 96, 24), 8)
-    sizes = (7, 0, 30, 3)
-    n = sum(sizes)
-    x = rng.standard_normal((n, 96)).astype(np.float32)
-    experts = np.repeat(np.arange(4), sizes).astype(np.int32)
-    got = jax.jit(lambda x, w, g, e: qmatmul(x, w, group_sizes=g, experts=e))(
-        jnp.asarray(x), _device(w), jnp.asarray(np.array(sizes, np.int32)), jnp.asarray(experts))
-    full = _oracle(w)
-    _close(got, np.stack([x[r].astype(np.float64) @ full[experts[r]] for r in range(n)]))
+    _check_grouped(rng, _weight(rng, (4, 96, 24), 8), (7, 0, 30, 3))
