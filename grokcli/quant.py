@@ -120,6 +120,8 @@ def qmatmul(x, w, *, experts=None, group_sizes=None, compute_dtype=None):
             return jnp.einsum("ni,nio->no", x, w[experts])
         return x @ w
     x = x.astype(dtype)
+    if _native_backend():
+        return _native(x, w, experts, dtype)
     if group_sizes is not None:
         return _grouped(x, w, group_sizes, experts, dtype)
     if experts is not None:
@@ -127,6 +129,43 @@ def qmatmul(x, w, *, experts=None, group_sizes=None, compute_dtype=None):
     lead = x.shape[:-1]
     out = _dense(x.reshape(-1, x.shape[-1]), w, dtype)
     return out.reshape(*lead, out.shape[-1])
+
+
+def _native_backend() -> bool:
+    """The native kernel (grokcli/native) on a single CPU device, when it builds here.
+
+    Several (simulated) CPU devices keep the XLA loops: XLA cannot partition a custom call, so it
+    would gather every sharded weight onto each device first.
+    """
+    if not _chunked_backend() or jax.device_count() != 1:
+        return False
+    from . import native
+
+    return native.usable()
+
+
+def cpu_matmul_status() -> str:
+    """Which int8 matmul runs on this CPU, and why (built here on first call, as a generation would)."""
+    from . import native
+
+    if jax.device_count() != 1:
+        return f"XLA loops ({jax.device_count()} CPU devices; the native kernel runs on a single device)"
+    _native_backend()
+    return native.status()
+
+
+def _native(x, w: QuantizedWeight, experts, dtype):
+    """All three modes in the native kernel: rows are grouped by expert inside it (dense: expert 0)."""
+    from . import native
+
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    weight, scales = w.weight, w.scales.astype(jnp.float32)
+    if experts is None:
+        weight, scales = weight[None], scales[None]
+        experts = jnp.zeros((rows.shape[0],), jnp.int32)
+    out = native.qmatmul_rows(rows, weight, scales, experts.astype(jnp.int32))
+    return out.astype(dtype).reshape(*lead, out.shape[-1])
 
 
 def _dense(x, w: QuantizedWeight, dtype):

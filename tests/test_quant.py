@@ -1,4 +1,5 @@
-"""qmatmul's three modes (dense, gathered, grouped) against a float64 numpy oracle on the dequantised weights."""
+"""qmatmul's three modes (dense, gathered, grouped) against a float64 numpy oracle on the dequantised weights,
+in both CPU forms: the native kernel and the XLA loops (test_quant_paths.py: the accelerator form)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grokcli import native, quant
 from grokcli.quant import QuantizedWeight, qmatmul, quantize
+
+
+@pytest.fixture(autouse=True, params=["native", "xla-loops"])
+def cpu_form(request, monkeypatch):
+    if request.param == "xla-loops":
+        monkeypatch.setattr(quant, "_native_backend", lambda: False)
+    elif not native.usable():
+        pytest.skip(native.status())  # test_native.py fails instead where a compiler exists
+    return request.param
 
 
 def _weight(rng, shape, row_blocks):
@@ -71,10 +82,10 @@ def _check_grouped(rng, w: QuantizedWeight, sizes):
 
 
 @pytest.mark.parametrize("chunk_elements", [24 * 32, 24 * 16, 24 * 5])
-def test_grouped_chunks_that_cut_through_scale_blocks(monkeypatch, chunk_elements):
+def test_grouped_chunks_that_cut_through_scale_blocks(monkeypatch, chunk_elements, cpu_form):
     """Chunks of 32, 16 or 8 input rows over row blocks of 12: a chunk starts mid-block, spans blocks."""
-    import grokcli.quant as quant
-
+    if cpu_form == "native":
+        pytest.skip("chunks are the XLA loops' (the native kernel has its own tiling, test_native.py)")
     monkeypatch.setattr(quant, "_CHUNK_ELEMENTS", chunk_elements)
     monkeypatch.setattr(quant, "_grouped_chunk_elements", lambda tile: chunk_elements)
     rng = np.random.default_rng(7)

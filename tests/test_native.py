@@ -1,0 +1,132 @@
+"""The native CPU int8 matmul (grokcli/native): its build, its fallback, and its numbers against
+a float64 numpy oracle; the whole model with and without it against the numpy reference forward."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grokcli import native, quant
+from grokcli.quant import quantize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The native kernel; skipped only where no C++ compiler exists (then grokcli uses XLA loops)."""
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler on this machine: grokcli falls back to its XLA loops")
+    assert native.usable(), native.status()  # a compiler is there, so the build must work
+    return native.qmatmul_rows
+
+
+def _oracle(x, q, experts):
+    w = np.asarray(q.weight).astype(np.float64)
+    s = np.asarray(q.scales).astype(np.float32).astype(np.float64)
+    e, k, m = w.shape
+    b = s.shape[1]
+    full = (w.reshape(e, b, k // b, m) * s[:, :, None, :]).reshape(e, k, m)
+    return np.einsum("nk,nkm->nm", x.astype(np.float64), full[experts])
+
+
+@pytest.mark.parametrize("experts_n_k_m_blocks", [
+    (8, 2, 64, 1100, 1),    # decode: two rows, columns over three 512-wide tasks with a ragged end
+    (8, 45, 96, 40, 8),     # rows of one expert over several 16-row tiles; 12-row scale blocks
+    (3, 19, 40, 70, 4),     # depth 10 per block (not a multiple of 16), width not a multiple of 32
+    (1, 5, 33, 7, 1),       # a dense matrix: one "expert", odd sizes everywhere
+    (4, 0, 16, 32, 1),      # no rows at all
+])
+def test_kernel_matches_the_float64_oracle(kernel, experts_n_k_m_blocks):
+    e, n, k, m, blocks = experts_n_k_m_blocks
+    rng = np.random.default_rng(n + k + m)
+    q = quantize(rng.standard_normal((e, k, m)).astype(np.float32), blocks)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    experts = (rng.integers(0, e, n) if n != 45 else np.full(n, e - 1)).astype(np.int32)
+    got = jax.jit(kernel)(jnp.asarray(x), jnp.asarray(q.weight), jnp.asarray(np.asarray(q.scales, np.float32)),
+                          jnp.asarray(experts))
+    want = _oracle(x, q, experts)
+    assert got.shape == (n, m)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max(initial=0)))
+
+
+def test_an_expert_index_out_of_range_is_an_error_not_a_wild_read(kernel):
+    q = quantize(np.ones((2, 16, 32), np.float32))
+    args = (jnp.ones((1, 16)), jnp.asarray(q.weight), jnp.asarray(np.asarray(q.scales, np.float32)))
+    with pytest.raises(Exception, match="expert index out of range"):
+        jax.block_until_ready(jax.jit(kernel)(*args, jnp.array([2], jnp.int32)))
+
+
+def test_the_build_is_kept_in_the_cache_and_reused(kernel):
+    path = native.build()
+    assert path.is_file() and path.parent.parent == native.paths.cache_dir()
+    stamp = path.stat().st_mtime_ns
+    assert native.build() == path and path.stat().st_mtime_ns == stamp  # found, not rebuilt
+    assert not list(path.parent.glob("*.tmp"))  # no leftovers of the atomic rename
+
+
+def test_the_environment_switch_turns_it_off(kernel, monkeypatch):
+    monkeypatch.setenv("GROK_NATIVE_KERNELS", "0")
+    assert not native.usable() and not quant._native_backend()
+    assert "GROK_NATIVE_KERNELS=0" in native.status()
+    x = jnp.ones((2, 64))
+    q = quantize(np.ones((64, 40), np.float32))
+    w = quant.QuantizedWeight(jnp.asarray(q.weight), jnp.asarray(np.asarray(q.scales, np.float32)))
+    assert "custom_call" not in jax.jit(quant.qmatmul).lower(x, w).as_text()
+    monkeypatch.delenv("GROK_NATIVE_KERNELS")
+    assert "custom_call" in jax.jit(lambda x, w: quant.qmatmul(x, w)).lower(x, w).as_text()
+
+
+@pytest.mark.parametrize("form", ["native", "xla-loops"])
+def test_whole_forward_matches_the_numpy_reference(form, monkeypatch, request):
+    """Prefill (grouped experts) and token-by-token decode (gathered experts) in both CPU forms."""
+    from conftest import TINY_CONFIG
+    from numpy_reference import forward_row
+
+    from grokcli import model as model_fn
+    from grokcli.checkpoint import random_params
+    from grokcli.config import ModelConfig
+
+    if form == "native":
+        request.getfixturevalue("kernel")
+    else:
+        monkeypatch.setattr(quant, "_native_backend", lambda: False)
+    cfg = ModelConfig(**TINY_CONFIG)
+    params = random_params(cfg, 5)
+    dev = jax.tree.map(jnp.asarray, params)
+    tokens = np.random.default_rng(2).integers(1, cfg.vocab_size, size=(1, 9)).astype(np.int32)
+    want = forward_row(params, tokens[0], cfg)
+    tol = dict(rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    logits = jax.jit(lambda p, t: model_fn.logits(p, t, cfg, dtype=jnp.float32))
+    assert ("custom_call" in logits.lower(dev, tokens).as_text()) == (form == "native")
+    np.testing.assert_allclose(np.asarray(logits(dev, tokens))[0], want, **tol)
+    step = jax.jit(lambda p, t, c: model_fn.forward(p, t, cfg, c, dtype=jnp.float32))
+    cache = model_fn.init_cache(cfg, 1, 16, jnp.float32)
+    for t in range(tokens.shape[1]):
+        h, cache = step(dev, jnp.asarray(tokens[:, t:t + 1]), cache)
+        np.testing.assert_allclose(np.asarray(model_fn.lm_head(dev, h, cfg))[0, 0], want[t], **tol)
+
+
+def test_without_a_compiler_grok_falls_back_and_writes_the_same_text(kernel, tmp_path):
+    """A machine without a C++ compiler: same greedy text from the XLA loops, no error."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROK_")}
+    script = Path(sys.executable).parent / "grok"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "grokcli.cli"]
+    args = ["complete", "--model", "demo", "It is a truth", "--max-tokens", "12", "--temp", "0", "--quiet"]
+    runs = {}
+    for name, extra in (("native", {}), ("no-compiler", {"CXX": str(tmp_path / "no-such-c++"),
+                                                         "XDG_CACHE_HOME": str(tmp_path / "cache")})):
+        proc = subprocess.run(command + args, capture_output=True, text=True, timeout=300,
+                              env={**env, **extra}, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = proc.stdout
+    assert runs["native"].strip() and runs["native"] == runs["no-compiler"]
+    assert not (tmp_path / "cache" / "grokcli" / "native").exists() or not list(
+        (tmp_path / "cache" / "grokcli" / "native").glob("*.so"))
