@@ -26,6 +26,7 @@ and loading a checkpoint.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -63,6 +64,8 @@ def parse_args(argv=None):
                    help="tokens decoded by the (slow) baseline per run; its rate is steady after the first")
     r.add_argument("--rounds", type=int, default=2, help="alternating rounds per batch size (median reported)")
     r.add_argument("--skip-baseline", action="store_true", help="measure grokcli only")
+    r.add_argument("--skip-xla-loops", action="store_true",
+                   help="on a CPU, do not also measure grokcli with its native kernel switched off")
     r.add_argument("--random-on-device", action="store_true",
                    help="random int8 weights drawn on the device (no checkpoint written or loaded)")
     r.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "grokcli-bench",
@@ -313,6 +316,19 @@ def run_grokcli(model, prompts: list[list[int]], new_tokens: int) -> dict:
                 tokens=np.array([c.token_ids for c in completions]))
 
 
+def run_xla_loops(model, prompts: list[list[int]], new_tokens: int) -> dict:
+    """grokcli with the native CPU kernel switched off: its steps are compiled with the XLA loops."""
+    previous = os.environ.get("GROK_NATIVE_KERNELS")
+    os.environ["GROK_NATIVE_KERNELS"] = "0"
+    try:
+        return run_grokcli(model, prompts, new_tokens)
+    finally:
+        if previous is None:
+            del os.environ["GROK_NATIVE_KERNELS"]
+        else:
+            os.environ["GROK_NATIVE_KERNELS"] = previous
+
+
 def active_weight_bytes(model, batch: int) -> tuple[float, float]:
     """Weight bytes read per decode step (expected, uniform routing) and per token.
 
@@ -341,6 +357,7 @@ def main(argv=None) -> None:
     import jax
 
     import grokcli
+    from grokcli import quant
 
     cfg = make_config(a)
     batches = [int(x) for x in a.batch.split(",")]
@@ -358,6 +375,11 @@ def main(argv=None) -> None:
         model, _ = grokcli.load(path)
         source = f"grokcli.load({path})"
     print(f"model: {source} in {time.perf_counter() - t0:.1f} s, activations {np.dtype(model.dtype).name}")
+    # The same weights with their own compiled steps (the XLA loops instead of the native kernel).
+    xla_loops = (dataclasses.replace(model, compiled={})
+                 if jax.default_backend() == "cpu" and quant.native_kernel_in_use() and not a.skip_xla_loops else None)
+    if jax.default_backend() == "cpu":
+        print(f"cpu matmul: {quant.cpu_matmul_status()}")
 
     bw = measure_bandwidth(a.bandwidth_mb)
     print("memory read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
@@ -370,8 +392,11 @@ def main(argv=None) -> None:
         prompts = [[int(x) for x in rng.integers(3, cfg.vocab_size, a.prompt_len)] for _ in range(batch)]
         # The baseline runs at grokcli's context for these lengths (the same cache size).
         variants = {"grokcli": lambda: run_grokcli(model, prompts, a.new_tokens)}
+        if xla_loops is not None:
+            variants["xla loops"] = lambda: run_xla_loops(xla_loops, prompts, a.new_tokens)
         t0 = time.perf_counter()
-        warm = variants["grokcli"]()  # warm-up: compiles
+        for name in variants:
+            warm = variants[name]()  # warm-up: compiles
         # The baseline attends over the same preallocated context as grokcli's decode step.
         context = max(key[3] for key in model.compiled if key[0] == "decode" and key[1] == batch)
         if not a.skip_baseline:
@@ -408,6 +433,12 @@ def main(argv=None) -> None:
             print(f"    ratios grokcli/baseline: decode {line['decode_x']:.1f}x, prefill {line['prefill_x']:.1f}x, "
                   f"time to first token {line['ttft_x']:.1f}x shorter; first 2 greedy tokens agree in "
                   f"{int(agree.sum())}/{agree.size}")
+        if "xla loops" in med:
+            line.update(native_decode_x=med["grokcli"]["decode"] / med["xla loops"]["decode"],
+                        native_prefill_x=med["grokcli"]["prefill"] / med["xla loops"]["prefill"])
+            same = np.array_equal(results["grokcli"][-1]["tokens"], results["xla loops"][-1]["tokens"])
+            print(f"    native kernel vs XLA loops: decode {line['native_decode_x']:.2f}x, prefill "
+                  f"{line['native_prefill_x']:.2f}x; greedy tokens {'identical' if same else 'differ'}")
         print(f"    active weight bytes: {per_step / 1e6:.1f} MB per step, {per_token / 1e6:.1f} MB per token; "
               f"roofline fraction {roof * 100:.0f}% (= {per_token / 1e9:.4f} GB x {med['grokcli']['decode']:.1f} "
               f"tok/s / {bandwidth:.1f} GB/s, the median of the rounds' best bandwidth)")
@@ -417,6 +448,8 @@ def main(argv=None) -> None:
     for s in summary:
         extra = (f", {s['decode_x']:.1f}x baseline decode, {s['prefill_x']:.1f}x baseline prefill"
                  if "decode_x" in s else "")
+        if "native_decode_x" in s:
+            extra += f"; native kernel {s['native_decode_x']:.2f}x / {s['native_prefill_x']:.2f}x the XLA loops"
         print(f"  batch {s['batch']}: decode {s['decode']:.1f} tok/s, {s['roofline'] * 100:.0f}% of roofline{extra}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 

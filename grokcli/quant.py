@@ -64,7 +64,10 @@ def quantize(w: np.ndarray, row_blocks: int = 1) -> QuantizedWeight:
 # ---------------------------------------------------------------------------------------------
 # The one matmul helper.
 #
-# XLA:CPU materialises a full f32 copy of an int8 weight on every dot, however the dot is
+# On a CPU the native kernel (grokcli/native) does every mode when it builds here: it streams
+# the int8 weights on all cores (about 2x the XLA loops below at batch 1, benchmarks/README.md).
+#
+# Otherwise: XLA:CPU materialises a full f32 copy of an int8 weight on every dot, however the dot is
 # written. So on CPU the weight is dequantised in chunks of about 256 KiB inside a `lax.scan`, each
 # chunk multiplied and accumulated, and scales applied on the output side (exact: a scale is
 # constant over its block of input rows). On GPU/TPU the compiler fuses the int8 -> bf16 convert
@@ -120,7 +123,7 @@ def qmatmul(x, w, *, experts=None, group_sizes=None, compute_dtype=None):
             return jnp.einsum("ni,nio->no", x, w[experts])
         return x @ w
     x = x.astype(dtype)
-    if _native_backend():
+    if native_kernel_in_use():
         return _native(x, w, experts, dtype)
     if group_sizes is not None:
         return _grouped(x, w, group_sizes, experts, dtype)
@@ -131,7 +134,7 @@ def qmatmul(x, w, *, experts=None, group_sizes=None, compute_dtype=None):
     return out.reshape(*lead, out.shape[-1])
 
 
-def _native_backend() -> bool:
+def native_kernel_in_use() -> bool:
     """The native kernel (grokcli/native) on a single CPU device, when it builds here.
 
     Several (simulated) CPU devices keep the XLA loops: XLA cannot partition a custom call, so it
@@ -150,7 +153,7 @@ def cpu_matmul_status() -> str:
 
     if jax.device_count() != 1:
         return f"XLA loops ({jax.device_count()} CPU devices; the native kernel runs on a single device)"
-    _native_backend()
+    native_kernel_in_use()
     return native.status()
 
 

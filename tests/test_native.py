@@ -74,7 +74,7 @@ def test_the_build_is_kept_in_the_cache_and_reused(kernel):
 
 def test_the_environment_switch_turns_it_off(kernel, monkeypatch):
     monkeypatch.setenv("GROK_NATIVE_KERNELS", "0")
-    assert not native.usable() and not quant._native_backend()
+    assert not native.usable() and not quant.native_kernel_in_use()
     assert "GROK_NATIVE_KERNELS=0" in native.status()
     x = jnp.ones((2, 64))
     q = quantize(np.ones((64, 40), np.float32))
@@ -97,7 +97,7 @@ def test_whole_forward_matches_the_numpy_reference(form, monkeypatch, request):
     if form == "native":
         request.getfixturevalue("kernel")
     else:
-        monkeypatch.setattr(quant, "_native_backend", lambda: False)
+        monkeypatch.setattr(quant, "native_kernel_in_use", lambda: False)
     cfg = ModelConfig(**TINY_CONFIG)
     params = random_params(cfg, 5)
     dev = jax.tree.map(jnp.asarray, params)
