@@ -841,11 +841,11 @@ def info(
 
         backend = jax.default_backend()
         devices = [str(d) for d in jax.devices()]
-    cpu_kernel = None
+    cpu_matmul = None
     if backend == "cpu":
         from .quant import cpu_matmul_status
 
-        cpu_kernel = cpu_matmul_status()
+        cpu_matmul = cpu_matmul_status()
     if mesh is not None:
         data_axis, model_axis = parse_mesh(mesh)
     else:
@@ -866,7 +866,7 @@ def info(
         "tokenizer": str(tok_path) if tok_path.is_file() else None,
         "backend": backend,
         "devices": devices,
-        "cpu_kernel": cpu_kernel,
+        "cpu_matmul": cpu_matmul,
         "memory": plan.to_json(),
     }
     if json_out:

@@ -268,8 +268,8 @@ def print_info(info: dict, *, show_memory: bool = False, stream: Optional[IO] = 
     if info["backend"] is not None:
         table.add_row("backend", f"{info['backend']}: {len(info['devices'])} device(s) "
                                  f"{', '.join(info['devices'][:8])}{' ...' if len(info['devices']) > 8 else ''}")
-    if info.get("cpu_kernel"):
-        table.add_row("cpu matmul", info["cpu_kernel"])
+    if info.get("cpu_matmul"):
+        table.add_row("cpu matmul", info["cpu_matmul"])
     mem = info["memory"]
     fits = {True: "[green]fits[/]", False: "[red]does not fit[/]", None: "device memory unknown"}[mem["fits"]]
     table.add_row("memory needed",

@@ -523,6 +523,9 @@ def test_real_checkpoint_batch_equals_single_runs_and_info(real_ckpt):
     info = json.loads(r.stdout)
     assert info["config"]["emb_size"] == 16 and info["files_found"] == info["files_expected"]
     assert info["tokenizer"].endswith("tokenizer.model") and info["backend"] == "cpu"
+    from grokcli import native
+
+    assert info["cpu_matmul"] == native.status() and info["cpu_matmul"].startswith("native int8 matmul: ")
     assert info["bytes_on_disk"] == sum(f.stat().st_size for f in (real_ckpt / "ckpt-0").iterdir())
     r = run("info", "-c", str(real_ckpt), "--memory")
     assert r.exit_code == 0 and "KV cache" in r.stdout and "parameters" in r.stdout
