@@ -130,3 +130,14 @@ def test_without_a_compiler_grok_falls_back_and_writes_the_same_text(kernel, tmp
     assert runs["native"].strip() and runs["native"] == runs["no-compiler"]
     assert not (tmp_path / "cache" / "grokcli" / "native").exists() or not list(
         (tmp_path / "cache" / "grokcli" / "native").glob("*.so"))
+
+
+def test_any_failure_to_set_it_up_means_the_xla_loops(monkeypatch):
+    """E.g. a jax without jax.ffi: usable() is False with the reason, and nothing raises."""
+    def broken():
+        raise AttributeError("module 'jax' has no attribute 'ffi'")
+
+    monkeypatch.setattr(native, "_load", broken)
+    monkeypatch.setitem(native._state, "usable", None)
+    assert native.usable() is False
+    assert "has no attribute 'ffi'" in native.status()

@@ -163,6 +163,9 @@ def usable() -> bool:
                 _state["usable"], _state["reason"] = True, f"built at {_state['library']}"
             except NativeBuildError as e:
                 _state["usable"], _state["reason"] = False, str(e)
+            except Exception as e:  # an optional speed-up: anything else (an old jax without
+                # jax.ffi, a registration error) also means the XLA loops, never a failed run
+                _state["usable"], _state["reason"] = False, f"{type(e).__name__}: {e}"
         return _state["usable"]
 
 
