@@ -15,6 +15,17 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def grok_command() -> tuple[list[str], dict]:
+    """The installed `grok` entry point and an environment without GROK_* settings, as a user runs it."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROK_")}
+    env["NO_COLOR"] = "1"
+    script = Path(sys.executable).parent / "grok"
+    return ([str(script)] if script.exists() else [sys.executable, "-m", "grokcli.cli"]), env
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
 # A small Grok-1-shaped config: GQA, 8 experts with 2 active, 2 layers. Keys match ModelConfig.

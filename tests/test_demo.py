@@ -11,7 +11,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ import pytest
 import grokcli
 from grokcli import paths
 from grokcli.config import load_config
+
+from conftest import grok_command
 
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT = REPO / "tests" / "data" / "demo_heldout.txt"
@@ -164,17 +165,8 @@ def test_heldout_loss_is_far_below_uniform(demo):
     assert abs(float(np.mean(_nll(oracle, rows[0]))) - float(np.mean(_nll(grok_logits[0], rows[0])))) < 1e-3
 
 
-@pytest.mark.slow
-def _grok_command() -> tuple[list[str], dict]:
-    """The installed `grok` entry point, run as a user would, without GROK_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GROK_")}
-    env["NO_COLOR"] = "1"
-    script = Path(sys.executable).parent / "grok"
-    return ([str(script)] if script.exists() else [sys.executable, "-m", "grokcli.cli"]), env
-
-
 def _grok(*args: str) -> subprocess.CompletedProcess:
-    command, env = _grok_command()
+    command, env = grok_command()
     return subprocess.run(command + list(args), capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
 
 
@@ -192,7 +184,7 @@ def test_readme_main_command_streams_text_to_stdout_and_stats_to_stderr():
     """`grok complete --model demo "Once upon a time"`: text arrives on stdout piece by piece."""
     import threading
 
-    command, env = _grok_command()
+    command, env = grok_command()
     proc = subprocess.Popen(command + ["complete", "--model", "demo", "Once upon a time", "--max-tokens", "32",
                                        "--seed", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, cwd=REPO)

@@ -3,9 +3,7 @@ a float64 numpy oracle; the whole model with and without it against the numpy re
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -116,9 +114,9 @@ def test_whole_forward_matches_the_numpy_reference(form, monkeypatch, request):
 
 def test_without_a_compiler_grok_falls_back_and_writes_the_same_text(kernel, tmp_path):
     """A machine without a C++ compiler: same greedy text from the XLA loops, no error."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GROK_")}
-    script = Path(sys.executable).parent / "grok"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "grokcli.cli"]
+    from conftest import grok_command
+
+    command, env = grok_command()
     args = ["complete", "--model", "demo", "It is a truth", "--max-tokens", "12", "--temp", "0", "--quiet"]
     runs = {}
     for name, extra in (("native", {}), ("no-compiler", {"CXX": str(tmp_path / "no-such-c++"),
