@@ -30,7 +30,7 @@ ENV_SWITCH = "GROK_NATIVE_KERNELS"
 _BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()
-_state: dict = {"usable": None, "reason": "", "library": None}
+_state: dict = {"usable": None, "reason": "", "library": None}  # reason: why a setup failed
 
 
 class NativeBuildError(RuntimeError):
@@ -154,13 +154,12 @@ def usable() -> bool:
     retried in the same process.
     """
     if disabled_by_env():
-        _state["reason"] = f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
         return False
     with _lock:
         if _state["usable"] is None:
             try:
                 _load()
-                _state["usable"], _state["reason"] = True, f"built at {_state['library']}"
+                _state["usable"] = True
             except NativeBuildError as e:
                 _state["usable"], _state["reason"] = False, str(e)
             except Exception as e:  # an optional speed-up: anything else (an old jax without
@@ -171,10 +170,10 @@ def usable() -> bool:
 
 def status() -> str:
     """One line: whether the native int8 matmul is in use, and why not."""
-    if _state["usable"] is None and not disabled_by_env():
-        return "native int8 matmul: not tried yet (built on first use on a CPU)"
     if disabled_by_env():
         return f"native int8 matmul: off ({ENV_SWITCH}={os.environ[ENV_SWITCH]}); using XLA loops"
+    if _state["usable"] is None:
+        return "native int8 matmul: not tried yet (built on first use on a CPU)"
     if _state["usable"]:
         return f"native int8 matmul: on ({_state['library']})"
     return f"native int8 matmul: off ({_state['reason']}); using XLA loops"
