@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from .layout import CONFIG_NAME
 from .errors import ConfigError
 
 
@@ -122,7 +123,7 @@ GROK_1 = ModelConfig(
 
 def load_config(checkpoint_dir: str | Path) -> ModelConfig:
     """The config of a checkpoint directory: its config.json, or Grok-1 when there is none."""
-    path = Path(checkpoint_dir) / "config.json"
+    path = Path(checkpoint_dir) / CONFIG_NAME
     if not path.exists():
         return GROK_1
     try:

@@ -29,21 +29,18 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
+from .layout import ANY_SHARD_TENSOR_NAME, CONFIG_NAME, MANIFEST_NAME, TENSOR_FOLDER, TOKENIZER_NAME
 from .errors import CheckpointError, ConfigError, GrokError
+from .fsutil import atomic_write_text, format_bytes
 
 DEFAULT_REPO = "xai-org/grok-1"
 DEFAULT_REVISION = "main"
-CKPT_FOLDER = "ckpt-0"  # the folder the loader reads tensors from
-MANIFEST_NAME = "manifest.json"
-TOKENIZER_NAME = "tokenizer.model"
-CONFIG_NAME = "config.json"
 # The Grok-1 SentencePiece model as published in github.com/xai-org/grok-1 (fallback source when
 # the Hub repo lacks it); $GROK_TOKENIZER_URL overrides the URL (mirrors, tests).
 TOKENIZER_URL = "https://raw.githubusercontent.com/xai-org/grok-1/main/tokenizer.model"
 TOKENIZER_SHA256 = "5c69d7cbad192fa2c9d14e2a77fbfdc11597c68907b043ddb0260e3d28eddd7f"
 TOKENIZER_SIZE = 2_229_219
 
-_TENSOR_RE = re.compile(r"tensor\d{5}_\d{3}")
 _MANIFEST_FORMAT = 1
 
 
@@ -126,11 +123,7 @@ def read_sha256sums(path: str | Path, sizes_from: Path | None = None) -> Manifes
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
     """Write `DIR/manifest.json` atomically (temp file + os.replace)."""
-    out = Path(directory) / MANIFEST_NAME
-    tmp = out.with_name(f".{MANIFEST_NAME}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(Path(directory) / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1) + "\n")
 
 
 # -- planning --------------------------------------------------------------------------------
@@ -214,7 +207,7 @@ def _layout(repo_id: str, revision: str, siblings: Iterable) -> list[RemoteFile]
     tokenizers, configs = [], []
     for s in siblings:
         p = PurePosixPath(s.rfilename)
-        if _TENSOR_RE.fullmatch(p.name):
+        if ANY_SHARD_TENSOR_NAME.fullmatch(p.name):
             by_folder.setdefault(str(p.parent), []).append(s)
         elif p.name == TOKENIZER_NAME:
             tokenizers.append(s)
@@ -223,14 +216,14 @@ def _layout(repo_id: str, revision: str, siblings: Iterable) -> list[RemoteFile]
     if not by_folder:
         raise DownloadError(f"{repo_id}@{revision} holds no checkpoint tensor files (tensorNNNNN_000)")
     if len(by_folder) > 1:
-        if CKPT_FOLDER not in by_folder:
+        if TENSOR_FOLDER not in by_folder:
             raise DownloadError(f"{repo_id}@{revision} holds tensor files in several folders "
                                 f"({', '.join(sorted(by_folder))}); cannot tell which is the checkpoint")
-        folder = CKPT_FOLDER
+        folder = TENSOR_FOLDER
     else:
         folder = next(iter(by_folder))
     # The release used ckpt-0/; whatever the Hub folder is called, the files land in ckpt-0/.
-    files = [_remote(s, f"{CKPT_FOLDER}/{PurePosixPath(s.rfilename).name}")
+    files = [_remote(s, f"{TENSOR_FOLDER}/{PurePosixPath(s.rfilename).name}")
              for s in sorted(by_folder[folder], key=lambda s: s.rfilename)]
     if tokenizers:
         best = min(tokenizers, key=lambda s: (s.rfilename.count("/"), s.rfilename))
@@ -415,8 +408,8 @@ def download(plan: DownloadPlan, *, force: bool = False, max_workers: int = 8,
     if need and not force:
         free = (free_space or free_bytes)(plan.local_dir)
         if free < need:
-            raise DownloadError(f"not enough disk space in {plan.local_dir}: {_gib(need)} still to download, "
-                                f"{_gib(free)} free (free some space, choose --local-dir, or --force)")
+            raise DownloadError(f"not enough disk space in {plan.local_dir}: {format_bytes(need)} still to download, "
+                                f"{format_bytes(free)} free (free some space, choose --local-dir, or --force)")
     plan.local_dir.mkdir(parents=True, exist_ok=True)
     sha: dict[str, str | None] = {f.path: f.sha256 or plan.known_sha256.get(f.path) for f in plan.files}
 
@@ -556,7 +549,3 @@ def _tidy(plan: DownloadPlan) -> None:
             except OSError:
                 break
             parent = parent.parent
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig, load_config
+from .layout import TOKENIZER_NAME
 from .errors import CheckpointError, TokenizerError
 from .params import ParamSpec, assemble, param_specs
 from .quant import QuantizedWeight
@@ -73,7 +74,7 @@ def resolve_tokenizer_path(checkpoint_dir: Path, tokenizer: str | Path | None) -
         if not path.is_file():
             raise TokenizerError(f"tokenizer not found: {path}")
         return path
-    candidate = checkpoint_dir / "tokenizer.model"
+    candidate = checkpoint_dir / TOKENIZER_NAME
     return candidate if candidate.is_file() else None
 
 

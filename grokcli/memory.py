@@ -13,6 +13,7 @@ import math
 
 from .config import ModelConfig
 from .errors import GrokError
+from .fsutil import format_bytes
 from .params import param_specs
 from .sharding import DATA, MODEL, cache_partitions, leaf_bytes_per_device, param_partitions
 
@@ -23,13 +24,6 @@ RESERVE_MIN_BYTES = 512 * 2**20
 
 class MemoryPlanError(GrokError):
     """The model will not fit the devices; the message carries the numbers."""
-
-
-def _fmt(n: float) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +66,13 @@ class MemoryPlan:
     def summary(self) -> str:
         """One line: per-device need and what the devices hold."""
         d, m = self.mesh
-        need = (f"{_fmt(self.per_device_bytes)} per device on mesh {d}x{m} (weights {_fmt(self.weights_per_device)}, "
-                f"KV cache {_fmt(self.kv_cache_per_device)}, activations {_fmt(self.activations_per_device)}; "
+        need = (f"{format_bytes(self.per_device_bytes)} per device on mesh {d}x{m} (weights {format_bytes(self.weights_per_device)}, "
+                f"KV cache {format_bytes(self.kv_cache_per_device)}, activations {format_bytes(self.activations_per_device)}; "
                 f"batch {self.batch}, context {self.context})")
         if self.device_memory_bytes is None:
             return need + "; device memory unknown (state it with --device-memory)"
         verdict = "fits" if self.fits else "does not fit"
-        return (need + f"; {verdict} in {_fmt(self.usable_bytes)} usable of {_fmt(self.device_memory_bytes)} "
+        return (need + f"; {verdict} in {format_bytes(self.usable_bytes)} usable of {format_bytes(self.device_memory_bytes)} "
                 f"per device")
 
     def advice(self) -> str:
@@ -196,8 +190,8 @@ def check_fits(plan: MemoryPlan) -> MemoryPlan:
     """Raise MemoryPlanError with the numbers when the plan does not fit; returns it otherwise."""
     if plan.fits is False:
         raise MemoryPlanError(f"not enough device memory: needs {plan.summary().split('; ', 1)[0]}, "
-                              f"but each device has {_fmt(plan.usable_bytes)} usable "
-                              f"({_fmt(plan.device_memory_bytes)} less the runtime's reserve); "
+                              f"but each device has {format_bytes(plan.usable_bytes)} usable "
+                              f"({format_bytes(plan.device_memory_bytes)} less the runtime's reserve); "
                               f"try {plan.advice()}")
     return plan
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from .fsutil import atomic_write_text
 from .sampling import SamplingParams
 
 TEMPLATES = ("document", "chat")
@@ -312,10 +311,7 @@ class ReplSession:
         path = path.resolve()
         data = json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n"
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            atomic_write_text(path, data)
         except OSError as e:
             raise ReplError(f"cannot save to {path}: {e.strerror or e}") from None
         return path

@@ -16,9 +16,9 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from .layout import TOKENIZER_NAME
 from .errors import TokenizerError
 
-TOKENIZER_FILENAME = "tokenizer.model"  # the name the official checkpoint ships it under
 _SPACE = "\u2581"  # SentencePiece's "▁" whitespace marker
 
 
@@ -47,7 +47,7 @@ class Tokenizer:
         """Read a SentencePiece .model file (or the tokenizer.model inside a checkpoint directory)."""
         path = Path(path).expanduser()
         if path.is_dir():
-            path = path / TOKENIZER_FILENAME
+            path = path / TOKENIZER_NAME
         try:
             data = path.read_bytes()
         except FileNotFoundError:

@@ -17,6 +17,8 @@ from typing import IO, Optional
 from rich.console import Console
 from rich.text import Text
 
+from .fsutil import format_bytes
+
 _color_mode = "auto"  # auto | always | never (set by --color)
 _stderr: list = [None, None]  # (stream, console): rebuilt when sys.stderr is replaced (tests do)
 
@@ -62,15 +64,6 @@ def stderr_console() -> Console:
     if _stderr[0] is not sys.stderr:
         _stderr[:] = [sys.stderr, _console_for(sys.stderr)]
     return _stderr[1]
-
-
-def format_bytes(n: float) -> str:
-    """1.5 GB style sizes (decimal units, as disks are sold)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 class LoadProgress:

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Callable
 
 from .config import GROK_1, ModelConfig, load_config
-from .download import (CONFIG_NAME, MANIFEST_NAME, TOKENIZER_NAME, TOKENIZER_SHA256, Manifest, ManifestEntry,
-                       read_manifest, read_sha256sums, write_manifest)
+from .layout import CONFIG_NAME, MANIFEST_NAME, SHA256SUMS_NAME, TOKENIZER_NAME, tensor_relpath
+from .download import (TOKENIZER_SHA256, Manifest, ManifestEntry, read_manifest, read_sha256sums,
+                       write_manifest)
 from .errors import CheckpointError, GrokError, TokenizerError
 from .params import ParamSpec, param_specs
 
-SHA256SUMS_NAME = "SHA256SUMS"
 # Bytes per read. Each chunk is copied from the page cache and then hashed: at 1 MiB it is still in
 # the CPU cache when SHA-256 reads it. Measured here (2 vCPUs, warm page cache): 1.30 GB per
 # CPU-second at 1 MiB vs 0.87 at 16 MiB; syscalls cost nothing at either size.
@@ -336,7 +336,7 @@ def verify_checkpoint(directory: str | Path, *, jobs: int | None = None, quick: 
 
     from .checkpoint.writer import expected_file_size
 
-    tensors = {f"ckpt-0/tensor{i:05d}_000": spec for i, spec in enumerate(specs)}
+    tensors = {tensor_relpath(i): spec for i, spec in enumerate(specs)}
     expected = [*tensors, TOKENIZER_NAME]
     problems: list[Problem] = []
     notes: list[str] = []

@@ -7,7 +7,6 @@ aligned buffer of its final numpy array; no intermediate bytes object is built.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import re
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,11 +18,11 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..params import ParamSpec, assemble, param_specs
 from ..quant import QuantizedWeight
+from ..layout import TENSOR_FOLDER, TENSOR_NAME, tensor_name
 from .unpickle import ArrayHeader, LeafHeader, build_leaf, read_header, readinto_exactly
 
 ProgressFn = Callable[[int, int, int, int], None]  # (bytes_done, bytes_total, files_done, files_total)
 
-_TENSOR_NAME = re.compile(r"tensor(\d{5})_000")
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
 # How a dimension of a parameter is named in a config mismatch message, by logical axis.
@@ -35,7 +34,7 @@ _AXIS_LABELS = {
 
 def tensor_path(ckpt0: Path, index: int) -> Path:
     """The file holding leaf `index`."""
-    return ckpt0 / f"tensor{index:05d}_000"
+    return ckpt0 / tensor_name(index)
 
 
 def resolve_checkpoint_dir(ckpt_dir: str | Path) -> Path:
@@ -45,19 +44,19 @@ def resolve_checkpoint_dir(ckpt_dir: str | Path) -> Path:
         raise CheckpointError(f"{d} does not exist")
     if not d.is_dir():
         raise CheckpointError(f"{d} is not a directory")
-    ckpt0 = d / "ckpt-0"
+    ckpt0 = d / TENSOR_FOLDER
     if not ckpt0.is_dir():
-        if any(_TENSOR_NAME.fullmatch(p.name) for p in d.iterdir()):
+        if any(TENSOR_NAME.fullmatch(p.name) for p in d.iterdir()):
             raise CheckpointError(f"{d} looks like the ckpt-0/ folder itself; pass the folder "
                                   f"that contains it ({d.resolve().parent})")
         raise CheckpointError(f"{d} is not a Grok-1 checkpoint directory: no ckpt-0/ folder")
-    if not any(_TENSOR_NAME.fullmatch(p.name) for p in ckpt0.iterdir()):
+    if not any(TENSOR_NAME.fullmatch(p.name) for p in ckpt0.iterdir()):
         raise CheckpointError(f"{ckpt0} is empty: no tensor*_000 files (is the download complete?)")
     return ckpt0
 
 
 def _check_file_set(ckpt0: Path, specs: list[ParamSpec], cfg: ModelConfig) -> None:
-    present = {int(m.group(1)) for p in ckpt0.iterdir() if (m := _TENSOR_NAME.fullmatch(p.name))}
+    present = {int(m.group(1)) for p in ckpt0.iterdir() if (m := TENSOR_NAME.fullmatch(p.name))}
     n = len(specs)
     missing = [i for i in range(n) if i not in present]
     extra = sorted(i for i in present if i >= n)

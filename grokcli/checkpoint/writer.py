@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import shutil
 import struct
 import sys
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,8 +24,10 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..fsutil import atomic_write
 from ..params import ParamSpec, get_leaf, param_specs, assemble
 from ..quant import QuantizedWeight, quantize
+from ..layout import CONFIG_NAME, TENSOR_FOLDER, TENSOR_NAME, TOKENIZER_NAME, tensor_name
 
 # The dtypes the format stores, with the argument and BUILD state numpy 1.26 pickles them with.
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -232,38 +232,16 @@ def write_sparse_checkpoint(out_dir: str | Path, cfg: ModelConfig) -> Path:
     holds little more than the headers: for testing checks and tools on Grok-1-sized layouts.
     """
     out = Path(out_dir)
-    ckpt = out / "ckpt-0"
+    ckpt = out / TENSOR_FOLDER
     ckpt.mkdir(parents=True, exist_ok=True)
     for i, spec in enumerate(param_specs(cfg)):
         def write(f, spec=spec):
             _ReleasePickler(_SparseSink(f)).dump(_spec_ref(spec))
             f.truncate()
-        _write_atomic(ckpt / f"tensor{i:05d}_000", write)
+        atomic_write(ckpt / tensor_name(i), write)
     text = json.dumps(cfg.to_json(), indent=1) + "\n"
-    _write_atomic(out / "config.json", lambda f: f.write(text.encode()))
+    atomic_write(out / CONFIG_NAME, lambda f: f.write(text.encode()))
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through `write(file)` into a temp file next to `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _leaf_for_spec(leaf, spec: ParamSpec) -> np.ndarray | QuantizedWeight:
@@ -287,9 +265,6 @@ def _leaf_for_spec(leaf, spec: ParamSpec) -> np.ndarray | QuantizedWeight:
     return array
 
 
-_TENSOR_NAME = re.compile(r"tensor(\d{5})_000")
-
-
 def write_checkpoint(out_dir: str | Path, params: dict, cfg: ModelConfig, *,
                      tokenizer_path: str | Path | None = None, write_config: bool = True,
                      progress=None) -> Path:
@@ -302,24 +277,24 @@ def write_checkpoint(out_dir: str | Path, params: dict, cfg: ModelConfig, *,
     is called after each file. Returns the checkpoint directory.
     """
     out = Path(out_dir)
-    ckpt = out / "ckpt-0"
+    ckpt = out / TENSOR_FOLDER
     ckpt.mkdir(parents=True, exist_ok=True)
     specs = param_specs(cfg)
     for i, spec in enumerate(specs):
         leaf = _leaf_for_spec(get_leaf(params, spec), spec)
-        _write_atomic(ckpt / f"tensor{i:05d}_000", lambda f: dump_leaf(leaf, f))
+        atomic_write(ckpt / tensor_name(i), lambda f: dump_leaf(leaf, f))
         if progress is not None:
             progress(i + 1, len(specs))
     for stale in ckpt.iterdir():
-        m = _TENSOR_NAME.fullmatch(stale.name)
+        m = TENSOR_NAME.fullmatch(stale.name)
         if m and int(m.group(1)) >= len(specs):
             stale.unlink()
     if write_config:
         text = json.dumps(cfg.to_json(), indent=1) + "\n"
-        _write_atomic(out / "config.json", lambda f: f.write(text.encode()))
+        atomic_write(out / CONFIG_NAME, lambda f: f.write(text.encode()))
     if tokenizer_path is not None:
         with open(tokenizer_path, "rb") as src:
-            _write_atomic(out / "tokenizer.model", lambda f: shutil.copyfileobj(src, f, 16 << 20))
+            atomic_write(out / TOKENIZER_NAME, lambda f: shutil.copyfileobj(src, f, 16 << 20))
     return out
 
 
