@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .quant4 import Int4Weight, qmatmul4
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -114,6 +116,8 @@ def qmatmul(x, w, *, experts=None, group_sizes=None, compute_dtype=None):
     `experts` must also be given with `group_sizes` (the expert of each sorted row, for the scales).
     """
     dtype = compute_dtype or x.dtype
+    if isinstance(w, Int4Weight):
+        return qmatmul4(x, w, experts=experts, group_sizes=group_sizes, dtype=dtype)
     if not isinstance(w, QuantizedWeight):
         w = jnp.asarray(w, dtype)
         x = x.astype(dtype)
