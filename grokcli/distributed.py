@@ -11,15 +11,15 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .errors import ConfigError
+from .errors import UsageError
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
-class DistributedError(ConfigError):
-    """Inconsistent multi-host settings (a usage error in the CLI)."""
+class DistributedError(UsageError):
+    """Inconsistent multi-host settings."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,9 @@ def resolve_options(coordinator: str | None = None, num_processes: int | None = 
         if num_processes is None or process_id is None:
             raise DistributedError("multi-host needs --coordinator, --num-processes and --process-id together "
                                    f"(or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})")
+    elif process_id is not None:
+        raise DistributedError(f"--process-id {process_id} needs --coordinator HOST:PORT and --num-processes "
+                               "(it is only meaningful when several processes run together)")
     elif (num_processes or 1) > 1:
         raise DistributedError(f"--num-processes {num_processes} needs --coordinator HOST:PORT (process 0's address)")
     if num_processes is not None and num_processes < 1:

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
 from .layout import ANY_SHARD_TENSOR_NAME, CONFIG_NAME, MANIFEST_NAME, TENSOR_FOLDER, TOKENIZER_NAME
-from .errors import CheckpointError, ConfigError, GrokError
+from .errors import CheckpointError, ConfigError, DownloadError
 from .fsutil import atomic_write_text, format_bytes
 
 DEFAULT_REPO = "xai-org/grok-1"
@@ -42,10 +42,6 @@ TOKENIZER_SHA256 = "5c69d7cbad192fa2c9d14e2a77fbfdc11597c68907b043ddb0260e3d28ed
 TOKENIZER_SIZE = 2_229_219
 
 _MANIFEST_FORMAT = 1
-
-
-class DownloadError(GrokError):
-    """A download cannot start or did not complete (the message says what to do)."""
 
 
 # -- manifest --------------------------------------------------------------------------------

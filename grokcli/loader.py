@@ -95,11 +95,14 @@ def to_device_leaf(spec: ParamSpec, leaf, dtype, place=None):
 
 
 def load(path: str | Path, tokenizer: str | Path | None = None, *, progress: Progress | None = None,
-         dtype=None, workers: int | None = None, mesh=None):
+         dtype=None, workers: int | None = None, mesh=None, reserve_for=None, device_memory: int | None = None):
     """Load a checkpoint directory (`ckpt-0/`, optional `config.json` and `tokenizer.model`).
 
     Returns `(model, tokenizer)`; the tokenizer is None when there is none to load.
-    The config is checked against the tensors' shapes before any large file is read.
+    Before any tensor file is read, the config is checked against the tensors' shapes and the
+    memory plan (weights, plus the KV cache and activations of `reserve_for`, a
+    `memory.Reservation`; default batch 1 over the whole context) against `device_memory` bytes
+    per device (default: as detected; unknown on CPU): MemoryPlanError says what does not fit.
     """
     from . import checkpoint
     from .model import compute_dtype_for_backend
@@ -113,13 +116,16 @@ def load(path: str | Path, tokenizer: str | Path | None = None, *, progress: Pro
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {root}")
     cfg = load_config(root)
+    dtype = dtype or compute_dtype_for_backend()
+    from .memory import check_fits, plan_for_devices
+
+    check_fits(plan_for_devices(cfg, mesh, reserve_for, device_memory=device_memory, dtype=jnp.dtype(dtype).name))
     tok_path = resolve_tokenizer_path(root, tokenizer)
     tok = None
     if tok_path is not None:
         tok = Tokenizer.load(tok_path)
         check_tokenizer(tok, cfg)
     checkpoint.check_checkpoint_shapes(root, cfg)
-    dtype = dtype or compute_dtype_for_backend()
 
     place = None
     if mesh is not None:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 
 from .config import ModelConfig
-from .errors import GrokError
+from .errors import MemoryPlanError
 from .fsutil import format_bytes
 from .params import param_specs
 from .sharding import DATA, MODEL, cache_partitions, leaf_bytes_per_device, param_partitions
@@ -20,10 +20,6 @@ from .sharding import DATA, MODEL, cache_partitions, leaf_bytes_per_device, para
 # Kept free on every device for the runtime (CUDA context, XLA workspace, fragmentation).
 RESERVE_FRACTION = 0.05
 RESERVE_MIN_BYTES = 512 * 2**20
-
-
-class MemoryPlanError(GrokError):
-    """The model will not fit the devices; the message carries the numbers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +182,38 @@ def detected_device_memory() -> int | None:
     return int(limit) if limit else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    """What generation will ask of the devices beyond the weights; `grokcli.load` checks it fits."""
+
+    batch: int = 1  # sequences generated together
+    prompt_tokens: int = 0  # the longest prompt in tokens (an upper bound is fine)
+    max_tokens: int | None = None  # new tokens per sequence; None reserves the whole context
+
+
+def plan_for_devices(cfg: ModelConfig, mesh, reservation: Reservation | None = None, *,
+                     device_memory: int | None = None, dtype: str = "bfloat16") -> MemoryPlan:
+    """The memory plan of `cfg` on `mesh` (a jax Mesh, "DATAxMODEL", (data, model) or None: one
+    device) for `reservation`; `device_memory` None means as detected."""
+    from .generation import MIN_CONTEXT, length_bucket
+    from .sharding import mesh_shape_dict, parse_mesh_shape
+
+    r = reservation or Reservation()
+    context, prefill = cfg.sequence_len, None
+    if r.max_tokens is not None:
+        prefill = length_bucket(max(1, r.prompt_tokens), cfg.sequence_len)
+        context = length_bucket(max(prefill + r.max_tokens, MIN_CONTEXT), cfg.sequence_len)
+    if mesh is None or hasattr(mesh, "devices"):
+        shape = mesh_shape_dict(mesh)
+        mesh = (shape[DATA], shape[MODEL])
+    elif isinstance(mesh, str):
+        mesh = parse_mesh_shape(mesh)
+    if device_memory is None:
+        device_memory = detected_device_memory()
+    return plan_memory(cfg, mesh, batch=r.batch, context=context, prefill_tokens=prefill, dtype=dtype,
+                       device_memory=device_memory)
+
+
 def check_fits(plan: MemoryPlan) -> MemoryPlan:
     """Raise MemoryPlanError with the numbers when the plan does not fit; returns it otherwise."""
     if plan.fits is False:
@@ -196,5 +224,6 @@ def check_fits(plan: MemoryPlan) -> MemoryPlan:
     return plan
 
 
-__all__ = ["MemoryPlan", "MemoryPlanError", "plan_memory", "detected_device_memory", "check_fits",
+__all__ = ["MemoryPlan", "MemoryPlanError", "Reservation", "plan_memory", "plan_for_devices",
+           "detected_device_memory", "check_fits",
            "RESERVE_FRACTION", "RESERVE_MIN_BYTES"]

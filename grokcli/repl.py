@@ -7,14 +7,15 @@ Nothing here knows how the model works.
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from .errors import UsageError
 from .fsutil import atomic_write_text
+from .stops import expand_escapes
 from .sampling import SamplingParams
 
 TEMPLATES = ("document", "chat")
@@ -46,7 +47,7 @@ _SET_NAMES = ("temp", "top-k", "top-p", "min-p", "repeat-penalty", "seed", "max-
               "template")
 
 
-class ReplError(Exception):
+class ReplError(UsageError):
     """A slash command that cannot be done; shown as one line, the session continues."""
 
 
@@ -73,7 +74,7 @@ def _parse_value(field: str, value: str):
         if value.lower() in ("none", "off", ""):
             return ()
         # Escapes let a stop string hold a newline: /set stop \n\n
-        return (codecs.decode(value, "unicode_escape"),)
+        return (expand_escapes(value),)
     if field == "ignore_eos":
         return _parse_bool(value)
     kind = {f.name: f.type for f in dataclasses.fields(SamplingParams)}[field]
@@ -186,44 +187,34 @@ class ReplSession:
             self._info(f"context nearly full: {used} of {self.context_len} tokens used; "
                        f"the answer may stop early (/clear or /undo to make room)")
         self.generations += 1
-        status = tui.StatusDisplay(quiet=self.quiet)
         # The answer continues the transcript: keep its first piece's leading space.
         events = self._stream(self.model, self.tokenizer, prompt, sampling, truncate=truncate, continuation=True)
-        wrote_any = False
+        wrote = [False]
+
+        def on_token(ev) -> None:
+            if ev.text:
+                turn.output += ev.text
+                self._write(ev.text)
+                wrote[0] = True
+
+        def on_done(ev) -> None:
+            if ev.final_delta:
+                self._write(ev.final_delta)
+                wrote[0] = True
+            turn.output, turn.finish_reason = ev.text, ev.finish_reason
+            if wrote[0] or ev.text:
+                self._write("\n")
+            if not self.quiet:
+                self._info(tui.stats_line(ev.stats, ev.finish_reason))
+
         try:
-            for ev in events:
-                kind = type(ev).__name__
-                if kind == "StatusEvent":
-                    status.show(ev)
-                    continue
-                status.stop()
-                if kind == "TokenEvent":
-                    if ev.text:
-                        turn.output += ev.text
-                        self._write(ev.text)
-                        wrote_any = True
-                elif kind == "DoneEvent":
-                    if ev.final_delta:
-                        self._write(ev.final_delta)
-                        wrote_any = True
-                    turn.output = ev.text
-                    turn.finish_reason = ev.finish_reason
-                    if wrote_any or ev.text:
-                        self._write("\n")
-                    if not self.quiet:
-                        self._info(tui.stats_line(ev.stats, ev.finish_reason))
+            tui.render_events(events, quiet=self.quiet, on_token=on_token, on_done=on_done)
         except KeyboardInterrupt:
             # Keep what was written; the model stays usable for the next turn.
-            status.stop()
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
             turn.finish_reason = "interrupted"
-            if wrote_any:
+            if wrote[0]:
                 self._write("\n")
             self._info("interrupted (partial text kept; /regen for a new answer, /undo to drop it)")
-        finally:
-            status.stop()
 
     # -- slash commands ---------------------------------------------------------------------
 

@@ -5,6 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from .errors import InvalidParameterError
+
+# Bounds that keep a typo (--top-k 1e20, -n 10**12) a clear error instead of an overflow later.
+_MAX_TOP_K = 1 << 20
+_MAX_TOKENS = 1 << 24
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -26,22 +32,20 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        _check(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-               and self.temperature >= 0, f"temperature must be a number >= 0, got {self.temperature!r}")
-        _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
-        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
-               f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1,
-               f"min_p must be in [0, 1], got {self.min_p!r}")
-        _check(isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
-               and self.repetition_penalty > 0,
+        _check("temperature", _is_number(self.temperature) and self.temperature >= 0,
+               f"temperature must be a number >= 0, got {self.temperature!r}")
+        _check("top_k", _is_int(self.top_k) and 0 <= self.top_k <= _MAX_TOP_K,
+               f"top_k must be an integer in [0, {_MAX_TOP_K}], got {self.top_k!r}")
+        _check("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check("min_p", _is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check("repetition_penalty", _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
                f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
-        _check(_is_int(self.seed) and 0 <= self.seed < 2**32,
+        _check("seed", _is_int(self.seed) and 0 <= self.seed < 2**32,
                f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
-               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
-        _check(_is_int(self.logprobs) and 0 <= self.logprobs <= 20,
+        _check("max_tokens", _is_int(self.max_tokens) and 1 <= self.max_tokens <= _MAX_TOKENS,
+               f"max_tokens must be an integer in [1, {_MAX_TOKENS}], got {self.max_tokens!r}")
+        _check("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _check("logprobs", _is_int(self.logprobs) and 0 <= self.logprobs <= 20,
                f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 
     @property
@@ -56,9 +60,13 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check(ok: bool, message: str) -> None:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(field: str, ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise InvalidParameterError(message, option=field)
 
 
 def sampling_params(params: SamplingParams | None = None, **overrides) -> SamplingParams:

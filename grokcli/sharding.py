@@ -17,15 +17,18 @@ from typing import Sequence
 import numpy as np
 
 from .config import ModelConfig
-from .errors import ConfigError
+from .errors import UsageError
 from .params import ParamSpec
 
 DATA, MODEL = "data", "model"
 MESH_AXES = (DATA, MODEL)
 
 
-class MeshError(ConfigError):
-    """A mesh that the visible devices cannot form (a usage error in the CLI)."""
+class MeshError(UsageError):
+    """A mesh that the visible devices cannot form."""
+
+    def __init__(self, message: str):
+        super().__init__(message, option="--mesh")
 
 
 # ---------------------------------------------------------------------------------------------

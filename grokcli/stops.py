@@ -87,3 +87,40 @@ class StopMatcher:
             if text[-n:] in self._prefixes:
                 return n
         return 0
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "|": "|"}
+
+
+def expand_escapes(text: str) -> str:
+    r"""A stop string as typed on a command line: `\n`, `\t`, `\r` and `\\` expanded (llama.cpp's
+    `--escape`); any other backslash is kept as typed."""
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def split_stop_list(text: str) -> list[str]:
+    r"""Several stop strings in one value (the GROK_STOP environment variable): separated by `|`,
+    `\|` for a literal bar; each piece's escapes expanded."""
+    pieces, current, i = [], [], 0
+    while i < len(text):
+        if text.startswith("\\|", i):
+            current.append("\\|")
+            i += 2
+        elif text[i] == "|":
+            pieces.append("".join(current))
+            current = []
+            i += 1
+        else:
+            current.append(text[i])
+            i += 1
+    pieces.append("".join(current))
+    return [expand_escapes(p) for p in pieces if p]

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import IO, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
-from .fsutil import format_bytes
+from .fsutil import format_bytes, format_rate
 
 _color_mode = "auto"  # auto | always | never (set by --color)
 _stderr: list = [None, None]  # (stream, console): rebuilt when sys.stderr is replaced (tests do)
@@ -66,25 +67,22 @@ def stderr_console() -> Console:
     return _stderr[1]
 
 
-class LoadProgress:
-    """A progress display for loading a checkpoint: bytes, files, throughput, ETA (stderr).
+class TransferProgress:
+    """A progress display for byte transfers (load, download, verify): bytes, files, rate, ETA.
 
-    Use as a context manager and pass `update` to `grokcli.load(progress=...)`. In a terminal it is
-    a live Rich progress bar; otherwise a single summary line is printed at the end.
+    Use as a context manager and pass `update` as the library's progress callback (thread-safe:
+    Rich's Progress locks). A live bar only in a terminal and without quiet; `summary` prints one
+    line at the end (for loading, where nothing else reports the rate).
     """
 
-    def __init__(self, checkpoint: Path, *, quiet: bool = False):
-        self.checkpoint = checkpoint
-        self.quiet = quiet
-        self.bytes_done = 0
-        self.bytes_total = 0
-        self.files_done = 0
-        self.files_total = 0
-        self._progress = None
-        self._task = None
+    def __init__(self, verb: str, subject: str | Path = "", *, quiet: bool = False, summary: bool = False):
+        self.verb, self.subject = verb, subject
+        self.quiet, self.summary = quiet, summary
+        self.bytes_done = self.bytes_total = self.files_done = self.files_total = 0
+        self._progress = self._task = None
         self._t0 = 0.0
 
-    def __enter__(self) -> "LoadProgress":
+    def __enter__(self) -> "TransferProgress":
         self._t0 = time.perf_counter()
         console = stderr_console()
         if not self.quiet and console.is_terminal:
@@ -92,23 +90,16 @@ class LoadProgress:
                                        TransferSpeedColumn)
 
             self._progress = Progress(
-                TextColumn("[bold]loading[/] {task.description}"),
-                BarColumn(),
-                DownloadColumn(binary_units=False),
-                TextColumn("{task.fields[files]}"),
-                TransferSpeedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=console,
-                transient=True,
-            )
+                TextColumn(f"[bold]{escape(self.verb)}[/] {{task.description}}"), BarColumn(),
+                DownloadColumn(binary_units=False), TextColumn("{task.fields[files]}"), TransferSpeedColumn(),
+                TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
             self._progress.start()
-            self._task = self._progress.add_task(self.checkpoint.name or str(self.checkpoint), total=None,
-                                                 files="")
+            name = Path(self.subject).name if self.subject else ""
+            self._task = self._progress.add_task(safe(name), total=None, files="")
         return self
 
     def update(self, bytes_done: int, bytes_total: int, files_done: int, files_total: int) -> None:
-        """The `progress` callback of grokcli.load."""
+        """The `progress` callback: (bytes done, bytes total, files done, files total)."""
         self.bytes_done, self.bytes_total = bytes_done, bytes_total
         self.files_done, self.files_total = files_done, files_total
         if self._progress is not None:
@@ -118,12 +109,40 @@ class LoadProgress:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._progress is not None:
             self._progress.stop()
-        if exc_type is None and not self.quiet:
+        if self.summary and exc_type is None and not self.quiet:
             seconds = time.perf_counter() - self._t0
-            rate = self.bytes_done / seconds if seconds > 0 else 0.0
             stderr_console().print(
-                f"[dim]loaded {self.checkpoint} ({format_bytes(self.bytes_done)}, {self.files_done} files) "
-                f"in {seconds:.1f} s, {format_bytes(rate)}/s[/]")
+                f"[dim]loaded {safe(self.subject)} ({format_bytes(self.bytes_done)}, {self.files_done} files) "
+                f"in {seconds:.1f} s, {format_rate(self.bytes_done, seconds)}[/]")
+
+
+def LoadProgress(checkpoint: Path, *, quiet: bool = False) -> TransferProgress:
+    """The progress display of `grokcli.load(progress=...)`, with a summary line at the end."""
+    return TransferProgress("loading", checkpoint, quiet=quiet, summary=True)
+
+
+_CONTROL = dict.fromkeys([*range(0, 9), *range(11, 32), 127, *range(0x80, 0xA0)])
+
+
+def safe(text) -> str:
+    """Text from outside (file names, file contents, option values) made safe to print through Rich:
+    control characters (ESC sequences that could clear the screen or fake output) dropped, markup escaped."""
+    return escape(str(text).translate(_CONTROL))
+
+
+def print_error(message: str) -> None:
+    """`error: message` on stderr: one line, markup and control characters neutralised."""
+    line = " ".join(str(message).split("\n")[0:1]).strip() or "unknown error"
+    stderr_console().print(f"[bold red]error:[/] {safe(line)}", highlight=False, soft_wrap=True)
+
+
+def print_warning(message: str) -> None:
+    stderr_console().print(f"[yellow]warning:[/] {safe(message)}", highlight=False, soft_wrap=True)
+
+
+def print_note(message: str, *, style: str = "") -> None:
+    """A plain status line on stderr (text from outside is escaped)."""
+    stderr_console().print(f"[{style}]{safe(message)}[/]" if style else safe(message), highlight=False)
 
 
 def format_seconds(s: float) -> str:
@@ -195,26 +214,56 @@ class StatusDisplay:
         console = stderr_console()
         if event.kind == "truncated":
             self.stop()
-            console.print(f"[yellow]{event.message}[/]")
+            console.print(f"[yellow]{safe(event.message)}[/]")
             return
         if event.kind == "compiled":
             self.stop()
             took = f" in {format_seconds(event.seconds)}" if event.seconds is not None else ""
-            console.print(f"[dim]{event.message}{took}[/]")
+            console.print(f"[dim]{safe(event.message)}{took}[/]")
             return
         if console.is_terminal:
             if self._status is None:
-                self._status = console.status(event.message, spinner="dots")
+                self._status = console.status(safe(event.message), spinner="dots")
                 self._status.start()
             else:
-                self._status.update(event.message)
+                self._status.update(safe(event.message))
         elif event.kind == "compiling":
-            console.print(f"[dim]{event.message}[/]")
+            console.print(f"[dim]{safe(event.message)}[/]")
 
     def stop(self) -> None:
         if self._status is not None:
             self._status.stop()
             self._status = None
+
+
+def render_events(events, *, quiet: bool, on_token, on_done) -> None:
+    """Drive one generation's events: status (a spinner in a terminal) on stderr, stopped before any
+    text is written; each TokenEvent to `on_token`, each DoneEvent to `on_done`.
+
+    On Ctrl-C the spinner stops, the generator is closed (the engine frees its buffers) and
+    KeyboardInterrupt propagates to the caller, which decides what an interruption means.
+    """
+    from .events import DoneEvent, StatusEvent, TokenEvent
+
+    status = StatusDisplay(quiet=quiet)
+    try:
+        for ev in events:
+            if isinstance(ev, StatusEvent):
+                status.show(ev)
+                continue
+            status.stop()
+            if isinstance(ev, TokenEvent):
+                on_token(ev)
+            elif isinstance(ev, DoneEvent):
+                on_done(ev)
+    except KeyboardInterrupt:
+        status.stop()
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+        raise
+    finally:
+        status.stop()
 
 
 def print_stats(stats, finish_reason: str, *, prefix: str = "") -> None:
@@ -247,11 +296,13 @@ def print_info(info: dict, *, show_memory: bool = False, stream: Optional[IO] = 
     table.add_column(style="bold")
     table.add_column()
     cfg = info["config"]
-    table.add_row("checkpoint", f"{info['checkpoint']}  ({info['source']})")
-    table.add_row("tokenizer", info["tokenizer"] or "none (pass --tokenizer)")
+    table.add_row("checkpoint", f"{safe(info['checkpoint'])}  ({safe(info['source'])})" if info["checkpoint"]
+                  else safe(info["source"]))
+    table.add_row("tokenizer", safe(info["tokenizer"] or "none (pass --tokenizer)"))
     table.add_row("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)")
-    table.add_row("on disk", f"{format_bytes(info['bytes_on_disk'])} in {info['files_found']} files "
-                             f"(expected {info['files_expected']})")
+    if not info.get("from_shapes"):
+        table.add_row("on disk", f"{format_bytes(info['bytes_on_disk'])} in {info['files_found']} files "
+                                 f"(expected {info['files_expected']})")
     table.add_row("architecture",
                   f"{cfg['num_layers']} layers, emb {cfg['emb_size']}, {cfg['num_q_heads']} q / "
                   f"{cfg['num_kv_heads']} kv heads x {cfg['key_size']}, {cfg['num_experts']} experts "
@@ -262,7 +313,7 @@ def print_info(info: dict, *, show_memory: bool = False, stream: Optional[IO] = 
         table.add_row("backend", f"{info['backend']}: {len(info['devices'])} device(s) "
                                  f"{', '.join(info['devices'][:8])}{' ...' if len(info['devices']) > 8 else ''}")
     if info.get("cpu_matmul"):
-        table.add_row("cpu matmul", info["cpu_matmul"])
+        table.add_row("cpu matmul", safe(info["cpu_matmul"]))
     mem = info["memory"]
     fits = {True: "[green]fits[/]", False: "[red]does not fit[/]", None: "device memory unknown"}[mem["fits"]]
     table.add_row("memory needed",
@@ -278,3 +329,64 @@ def print_info(info: dict, *, show_memory: bool = False, stream: Optional[IO] = 
             table.add_row("  device memory", format_bytes(mem["device_memory_bytes"]) + (
                 f" ({format_bytes(usable)} usable after the runtime's reserve)" if usable else ""))
     console.print(table)
+
+
+def print_download_plan(plan) -> None:
+    """`grok download --dry-run`: one line per file on stdout (what was asked for), a summary on stderr."""
+    for f in plan.selected:
+        state = "present" if f.path in plan.present else "fetch"
+        src = "" if f.source == f.path else f"  <- {f.source}"
+        sys.stdout.write(f"{state:8} {f.size:>16,}  {f.path}{src}\n")
+    stderr_console().print(
+        f"{safe(plan.repo_id)}@{safe(plan.revision[:12])}: {len(plan.to_fetch)} of {len(plan.selected)} files "
+        f"to fetch, {format_bytes(plan.bytes_to_fetch)} into {safe(plan.local_dir)} (dry run: nothing fetched)")
+
+
+def print_download_start(plan) -> None:
+    stderr_console().print(f"downloading {len(plan.to_fetch)} files, {format_bytes(plan.bytes_to_fetch)}, "
+                           f"from {safe(plan.repo_id)}@{safe(plan.revision[:12])} into {safe(plan.local_dir)}")
+
+
+def print_download_result(plan, result, *, quiet: bool) -> None:
+    """Warnings (always) and the summary line (unless quiet) of a download; `result` None: nothing to fetch."""
+    console = stderr_console()
+    if result is None:
+        console.print(f"{safe(plan.local_dir)}: all {len(plan.selected)} files already present "
+                      f"({safe(plan.repo_id)}@{safe(plan.revision[:12])})")
+        return
+    for w in result.warnings:
+        print_warning(w)
+    if not quiet:
+        console.print(f"downloaded {len(result.fetched)} files ({format_bytes(plan.bytes_to_fetch)}) in "
+                      f"{result.seconds:.1f} s, {format_rate(plan.bytes_to_fetch, result.seconds)}; "
+                      f"check every byte with `grok verify-checkpoint {safe(plan.local_dir)}`")
+
+
+def print_verify_report(report, directory: Path, *, quick: bool, quiet: bool) -> None:
+    """The FAIL/warn table, the notes and the OK/FAILED line of `grok verify-checkpoint` (stderr)."""
+    from rich.table import Table
+
+    console = stderr_console()
+    if report.problems and not (quiet and report.ok):
+        table = Table(title=None, show_lines=False, highlight=False)
+        for col in ("", "check", "file", "parameter", "problem"):
+            table.add_column(col, overflow="fold")
+        for p in report.problems:
+            table.add_row("[red]FAIL[/]" if p.fatal else "[yellow]warn[/]", safe(p.check), safe(p.path),
+                          safe(p.param or ""), safe(p.message))
+        console.print(table)
+    if not quiet:
+        for note in report.notes:
+            console.print(safe(note))
+    what = "sizes" if quick else ("sizes, hashes, structure" if report.integrity_proven else "structure")
+    against = f" against {safe(report.manifest)}" if report.manifest else ""
+    speed = "" if quick else f", {format_bytes(report.bytes_read)} at {format_rate(report.bytes_read, report.seconds)}"
+    if report.ok:
+        if not quiet:
+            note = "" if report.integrity_proven or quick else " [yellow](integrity not proven: no manifest)[/]"
+            console.print(f"[bold green]OK[/] {safe(directory)}: {report.files_expected} files, {what}{against} "
+                          f"in {report.seconds:.1f} s{speed}{note}")
+        return
+    files = len({p.path for p in report.failures})
+    console.print(f"[bold red]FAILED[/] {safe(directory)}: {len(report.failures)} problem(s) in {files} file(s)"
+                  f"{against}{speed}")

@@ -23,7 +23,7 @@ from .config import GROK_1, ModelConfig, load_config
 from .layout import CONFIG_NAME, MANIFEST_NAME, SHA256SUMS_NAME, TOKENIZER_NAME, tensor_relpath
 from .download import (TOKENIZER_SHA256, Manifest, ManifestEntry, read_manifest, read_sha256sums,
                        write_manifest)
-from .errors import CheckpointError, GrokError, TokenizerError
+from .errors import CheckpointError, TokenizerError, UsageError
 from .params import ParamSpec, param_specs
 
 # Bytes per read. Each chunk is copied from the page cache and then hashed: at 1 MiB it is still in
@@ -36,7 +36,7 @@ _REPORT_EVERY = 16 << 20  # progress callback granularity (bytes)
 _KNOWN_FILES = {CONFIG_NAME, MANIFEST_NAME, SHA256SUMS_NAME, TOKENIZER_NAME}
 
 
-class VerifyUsageError(GrokError, ValueError):
+class VerifyUsageError(UsageError):
     """The verification asked for cannot be done as requested (e.g. --write-manifest over a manifest)."""
 
 

@@ -82,8 +82,9 @@ class FakeEngine:
         self.model = SimpleNamespace(config=SimpleNamespace(sequence_len=64))
         self.tokenizer = SimpleNamespace(encode=lambda text: list(text.encode()))
 
-    def load(self, path, tokenizer=None, *, progress=None):
+    def load(self, path, tokenizer=None, *, progress=None, mesh=None, reserve_for=None, device_memory=None):
         self.calls.append(("load", Path(path), tokenizer))
+        self.reserved = reserve_for
         if progress:
             progress(0, 100, 0, 2)
             progress(100, 100, 2, 2)
@@ -134,7 +135,7 @@ def use_fake(monkeypatch, engine):
     monkeypatch.setattr(grokcli, "load", engine.load, raising=False)
     monkeypatch.setattr(grokcli, "stream_generate", engine.stream, raising=False)
     monkeypatch.setattr(grokcli, "stream_generate_batch", engine.stream_batch, raising=False)
-    monkeypatch.setattr(cli, "setup_runtime", lambda opts, quiet=False: None)
+    monkeypatch.setattr(cli.options, "setup_runtime", lambda devices: None)
     return engine
 
 
@@ -329,7 +330,10 @@ def test_prompt_from_stdin_and_dash(monkeypatch, fake_ckpt):
     assert r.exit_code == 0 and r.stdout == "!"
     r = run("complete", "-c", str(fake_ckpt), "-", input="dash prompt")
     assert r.exit_code == 0
-    assert [c[1] for c in eng.calls if c[0] == "generate"] == [["piped prompt\n"], ["dash prompt"]]
+    r = run("complete", "-c", str(fake_ckpt), "--raw-prompt", input="raw prompt\n")
+    assert r.exit_code == 0
+    # `echo p | grok complete` is `grok complete p`: one trailing newline dropped unless --raw-prompt
+    assert [c[1] for c in eng.calls if c[0] == "generate"] == [["piped prompt"], ["dash prompt"], ["raw prompt\n"]]
 
 
 def test_json_output(monkeypatch, fake_ckpt):
@@ -382,12 +386,12 @@ def test_batch_prints_in_prompt_order(monkeypatch, fake_ckpt, tmp_path):
     eng = use_fake(monkeypatch, FakeEngine([["a1", "a2", "a3"], ["b1"], ["c1", "c2"]], order=[1, 2, 0]))
     pfile = tmp_path / "prompts.txt"
     pfile.write_text("second\n\nthird\n")
-    r = run("complete", "-c", str(fake_ckpt), "-p", "first", "--file", str(pfile))
+    r = run("complete", "-c", str(fake_ckpt), "-p", "first", "--batch-file", str(pfile))
     assert r.exit_code == 0, r.stderr
     assert r.stdout == "a1a2a3\nb1\nc1c2\n"
     assert eng.calls[1][1] == ["first", "second", "third"]
     assert "[1] prompt" in r.stderr and "[3] prompt" in r.stderr
-    r = run("complete", "-c", str(fake_ckpt), "-p", "first", "--file", str(pfile), "--json")
+    r = run("complete", "-c", str(fake_ckpt), "-p", "first", "--batch-file", str(pfile), "--json")
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [o["text"] for o in rows] == ["a1a2a3", "b1", "c1c2"]
 
@@ -419,7 +423,7 @@ def test_truncate_left_is_passed_to_the_library(monkeypatch, fake_ckpt):
 def test_runtime_failure_is_one_line_exit_1_and_debug_shows_traceback(monkeypatch, fake_ckpt):
     eng = use_fake(monkeypatch, FakeEngine([["a"]]))
 
-    def broken(path, tokenizer=None, *, progress=None):
+    def broken(path, tokenizer=None, **_):
         raise CheckpointError(f"{path}/ckpt-0/tensor00003_000: truncated (12 of 4096 bytes)")
 
     monkeypatch.setattr(grokcli, "load", broken)
@@ -608,3 +612,99 @@ def test_interruption_inside_the_engine_still_exits_130(monkeypatch, fake_ckpt):
     r = run("complete", "-c", str(fake_ckpt), "hi")
     assert r.exit_code == 130
     assert r.stdout == "ab" and "interrupted" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# What a new user types (issue: rough edges)
+# --------------------------------------------------------------------------------------------
+
+
+def _generated(eng):
+    return [c for c in eng.calls if c[0] == "generate"]
+
+
+def test_model_accepts_a_directory_like_llama_cpp(monkeypatch, fake_ckpt):
+    eng = use_fake(monkeypatch, FakeEngine([["ok"]]))
+    r = run("complete", "-m", str(fake_ckpt), "hi")
+    assert r.exit_code == 0, r.stderr
+    assert eng.calls[0][:2] == ("load", fake_ckpt)
+    r = run("complete", "-m", "no-such-model", "hi")
+    assert r.exit_code == 2
+    one_line_error(r, "unknown --model", "demo, grok-1")
+
+
+def test_invalid_utf8_prompt_is_a_usage_error_before_loading(monkeypatch, fake_ckpt, tmp_path):
+    eng = use_fake(monkeypatch, FakeEngine([["x"]]))
+    r = CliRunner().invoke(cli.app, ["complete", "-c", str(fake_ckpt)], input=b"caf\xe9 au lait", catch_exceptions=False)
+    assert r.exit_code == 2
+    one_line_error(r, "not valid UTF-8", "offset 3")
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"ok\n\xff")
+    r = run("complete", "-c", str(fake_ckpt), "-f", str(bad))
+    assert r.exit_code == 2
+    one_line_error(r, "not valid UTF-8", "offset 3")
+    assert eng.calls == []  # nothing was loaded
+
+
+def test_file_is_one_whole_prompt_and_batch_file_takes_json_lines(monkeypatch, fake_ckpt, tmp_path):
+    eng = use_fake(monkeypatch, FakeEngine([["a"], ["b"]]))
+    doc = tmp_path / "doc.txt"
+    doc.write_text("line one\n\nline two\n")
+    assert run("complete", "-c", str(fake_ckpt), "-f", str(doc)).exit_code == 0
+    jsonl = tmp_path / "batch.jsonl"
+    jsonl.write_text('"first\\nwith a newline"\n{"prompt": "second"}\n')
+    assert run("complete", "-c", str(fake_ckpt), "--batch-file", str(jsonl), "--json").exit_code == 0
+    prompts = [c[1] for c in _generated(eng)]
+    assert prompts == [["line one\n\nline two"], ["first\nwith a newline", "second"]]
+
+
+def test_stop_escapes_are_expanded_everywhere(monkeypatch, fake_ckpt):
+    eng = use_fake(monkeypatch, FakeEngine([["a"]]))
+    assert run("complete", "-c", str(fake_ckpt), "--stop", "\\n\\n", "--stop", "a\\\\b", "x").exit_code == 0
+    assert run("complete", "-c", str(fake_ckpt), "x", env={"GROK_STOP": "END|\\n|x\\|y"}).exit_code == 0
+    stops = [c[2].stop for c in _generated(eng)]
+    assert stops == [("\n\n", "a\\b"), ("END", "\n", "x|y")]
+    from grokcli.repl import _parse_value
+
+    assert _parse_value("stop", "\\n\\n") == ("\n\n",)
+
+
+def test_absurd_numbers_are_usage_errors_not_internal_errors(monkeypatch, fake_ckpt):
+    use_fake(monkeypatch, FakeEngine([["a"]]))
+    r = run("complete", "-c", str(fake_ckpt), "--top-k", str(10**20), "x")
+    assert r.exit_code == 2 and "internal error" not in r.stderr
+    r = run("complete", "-c", str(fake_ckpt), "--device-memory", "1e400", "x")
+    assert r.exit_code == 2
+    one_line_error(r, "--device-memory")
+
+
+def test_process_id_alone_is_a_usage_error(monkeypatch, fake_ckpt):
+    from grokcli.distributed import DistributedError, resolve_options
+
+    with pytest.raises(DistributedError, match="--process-id 1 needs --coordinator"):
+        resolve_options(process_id=1, environ={})
+
+
+def test_markup_and_escape_sequences_in_user_values_are_shown_literally(tmp_path):
+    weird = tmp_path / "x[/]y[bold]\x1b[2J"
+    r = run("complete", "-c", str(weird), "hi")
+    assert r.exit_code == 2
+    one_line_error(r, "x[/]y[bold]")
+    assert "\x1b" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_verify_checkpoint_takes_c_and_refuses_a_non_checkpoint_in_one_line(tmp_path):
+    (tmp_path / "junk").mkdir()
+    for i in range(50):
+        (tmp_path / "junk" / f"f{i}").write_text("x")
+    r = run("verify-checkpoint", str(tmp_path / "junk"))
+    assert r.exit_code == 2
+    one_line_error(r, "no ckpt-0/")
+    r = run("verify-checkpoint", "-c", str(tmp_path / "junk"))
+    assert r.exit_code == 2
+    one_line_error(r, "no ckpt-0/")
+
+
+def test_help_shows_flags_as_flags():
+    r = run("complete", "--help")
+    assert r.exit_code == 0 and "--quiet" in r.stdout and "<bool>" not in r.stdout

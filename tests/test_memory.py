@@ -122,3 +122,30 @@ def test_repl_refuses_to_run_across_hosts(tiny_with_tokenizer):
     r = run("repl", "-c", str(tiny_with_tokenizer), "--coordinator", "127.0.0.1:1", "--num-processes", "2",
             "--process-id", "0")
     assert r.exit_code == 2 and "grok repl runs on one host" in r.stderr
+
+
+def test_load_refuses_before_reading_any_tensor(tiny_config, tiny_checkpoint, monkeypatch):
+    """The library's own load runs the fit check: a forced small device memory stops it first."""
+    import grokcli
+    from grokcli import checkpoint
+    from grokcli.memory import Reservation
+
+    path = tiny_checkpoint(tiny_config())
+    opened = []
+    monkeypatch.setattr(checkpoint, "iter_leaves", lambda *a, **k: opened.append(a) or iter(()))
+    monkeypatch.setattr(checkpoint, "check_checkpoint_shapes", lambda *a, **k: opened.append(a))
+    with pytest.raises(MemoryPlanError, match="not enough device memory"):
+        grokcli.load(path, device_memory=1_000_000, reserve_for=Reservation(batch=4, max_tokens=64))
+    assert opened == []
+    monkeypatch.undo()
+    model, _ = grokcli.load(path, device_memory=10**12)  # the same checkpoint fits a large device
+    assert model.config.num_layers == tiny_config().num_layers
+
+
+def test_info_plans_grok1_from_shapes_before_any_download():
+    r = run("info", "--model", "grok-1", "--no-devices", "--mesh", "1x8", "--device-memory", "80GB",
+            "--memory", "--json")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["from_shapes"] and info["checkpoint"] is None and "from shapes" in info["source"]
+    assert info["config"]["num_layers"] == 64 and info["memory"]["fits"] is True

@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 
 from .. import paths
+from ..errors import NativeBuildError
 
 TARGET = "grokcli_qmatmul"
 SOURCE = Path(__file__).with_name("qmatmul.cc")
@@ -31,10 +32,6 @@ _BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()
 _state: dict = {"usable": None, "reason": "", "library": None}  # reason: why a setup failed
-
-
-class NativeBuildError(RuntimeError):
-    """The kernel could not be compiled or loaded; the message says why in one line."""
 
 
 def disabled_by_env() -> bool:
