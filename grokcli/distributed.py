@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .errors import UsageError
+from .errors import CoordinatorError, UsageError
+
+DEFAULT_TIMEOUT_S = 60.0  # how long a process waits for the others to join
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -73,7 +75,8 @@ def resolve_options(coordinator: str | None = None, num_processes: int | None = 
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, timeout_s: int | None = None) -> bool:
+               process_id: int | None = None, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+               on_wait=None) -> bool:
     """Join the distributed runtime when multi-host options are set; returns True when it did.
 
     Must run before anything touches the devices. Calling it again is harmless. On CPU the
@@ -88,10 +91,39 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         return True
     kwargs = {}
     if timeout_s is not None:
-        kwargs["initialization_timeout"] = int(timeout_s)
+        kwargs["initialization_timeout"] = max(1, int(timeout_s))
+        if opts.process_id:
+            # JAX aborts the whole process (a C++ fatal error) when it cannot connect: find out first.
+            wait_for_coordinator(opts.coordinator, timeout_s, on_wait=on_wait)
     jax.distributed.initialize(coordinator_address=opts.coordinator, num_processes=opts.num_processes,
                                process_id=opts.process_id, **kwargs)
     return True
+
+
+def wait_for_coordinator(address: str, timeout_s: float, *, on_wait=None, poll_s: float = 1.0) -> None:
+    """Return once something accepts TCP connections at `address` (HOST:PORT); CoordinatorError
+    naming it after `timeout_s`. `on_wait(seconds_waited)` is called about every 5 s while waiting."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    start = last_note = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(poll_s, 5.0)):
+                return
+        except OSError as e:
+            reason = e.strerror or str(e)
+        waited = time.monotonic() - start
+        if waited >= timeout_s:
+            raise CoordinatorError(f"cannot reach the coordinator {address} after {timeout_s:g} s ({reason}); "
+                                   "is process 0 running, and is the address right? (--distributed-timeout "
+                                   "waits longer)")
+        if on_wait is not None and time.monotonic() - last_note >= 5:
+            on_wait(waited)
+            last_note = time.monotonic()
+        time.sleep(min(poll_s, max(0.0, timeout_s - waited)))
 
 
 def is_initialized() -> bool:

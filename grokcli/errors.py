@@ -59,3 +59,7 @@ class DownloadError(GrokError):
 
 class NativeBuildError(GrokError):
     """The native CPU kernel could not be built or loaded (grokcli falls back to XLA)."""
+
+
+class CoordinatorError(GrokError):
+    """Multi-host: the coordinator (process 0) could not be reached in time."""

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .errors import UsageError
+from .errors import GrokError, UsageError
 from .fsutil import atomic_write_text
 from .stops import expand_escapes
 from .sampling import SamplingParams
@@ -308,27 +308,62 @@ class ReplSession:
         return path
 
     def load(self, path: Path) -> None:
+        """Replace the session by one written with /save; a bad file changes nothing."""
+        data = _read_session_file(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ReplError(f"no such file: {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ReplError(f"cannot read {path}: {e}") from None
-        if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
-            raise ReplError(f"{path} is not a session saved with /save")
-        try:
-            sampling = dict(data["sampling"])
-            sampling["stop"] = tuple(sampling.get("stop", ()))
+            sampling = data["sampling"]
+            if not isinstance(sampling, dict):
+                raise ValueError("'sampling' must be an object")
+            stop = sampling.get("stop", [])
+            if not (isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+                raise ValueError("'stop' must be a list of strings")
             fields = {f.name for f in dataclasses.fields(SamplingParams)}
-            new_sampling = SamplingParams(**{k: v for k, v in sampling.items() if k in fields})
-            turns = [Turn(str(t["input"]), str(t.get("output", "")), str(t.get("finish_reason", "")))
-                     for t in data["turns"]]
+            new_sampling = SamplingParams(**{**{k: v for k, v in sampling.items() if k in fields}, "stop": tuple(stop)})
+            raw_turns = data["turns"]
+            if not isinstance(raw_turns, list):
+                raise ValueError("'turns' must be a list")
+            turns = []
+            for t in raw_turns:
+                if not (isinstance(t, dict) and all(isinstance(t.get(k, ""), str)
+                                                    for k in ("input", "output", "finish_reason"))
+                        and "input" in t):
+                    raise ValueError("each turn must be an object of strings with an 'input'")
+                turns.append(Turn(t["input"], t.get("output", ""), t.get("finish_reason", "")))
             template = data.get("template", "document")
             if template not in TEMPLATES:
-                raise ValueError(f"unknown template {template!r}")
+                raise ValueError(f"unknown template {str(template)[:40]!r}")
         except (KeyError, TypeError, ValueError) as e:
-            raise ReplError(f"{path}: invalid session file ({e})") from None
+            raise ReplError(f"{path}: invalid session file ({str(e)[:200]})") from None
         self.sampling, self.turns, self.template = new_sampling, turns, template
+
+
+MAX_SESSION_BYTES = 64 << 20  # far above any real transcript (the context is 8192 tokens)
+
+
+def _read_session_file(path: Path) -> dict:
+    """The JSON object of a session file: a regular file, bounded in size, nesting and type."""
+    from .fsutil import NotRegularFileError, open_regular_file
+
+    try:
+        with open_regular_file(path) as f:
+            raw = f.read(MAX_SESSION_BYTES + 1)
+    except FileNotFoundError:
+        raise ReplError(f"no such file: {path}") from None
+    except NotRegularFileError:
+        raise ReplError(f"{path} is not a regular file") from None
+    except OSError as e:
+        raise ReplError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_SESSION_BYTES:
+        raise ReplError(f"{path} is larger than {MAX_SESSION_BYTES >> 20} MiB: not a session saved with /save")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ReplError(f"cannot read {path}: {str(e)[:200]}") from None
+    except RecursionError:
+        raise ReplError(f"{path} is nested too deeply: not a session saved with /save") from None
+    if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
+        raise ReplError(f"{path} is not a session saved with /save")
+    return data
 
 
 def help_text() -> str:
@@ -428,7 +463,7 @@ def run_repl(session: ReplSession, *, use_terminal: Optional[bool] = None) -> No
                     session._info(out)
             else:
                 session.send(line)
-        except ReplError as e:
+        except GrokError as e:  # a bad command, prompt or file: say so, the session goes on
             session._info(f"error: {e}")
         except SystemExit:
             break
@@ -466,8 +501,20 @@ def _terminal_reader():
 
 
 def _plain_reader():
+    buffer = getattr(sys.stdin, "buffer", None)
+
     def read() -> str:
-        line = sys.stdin.readline()
+        if buffer is None:
+            line = sys.stdin.readline()
+        else:
+            raw = buffer.readline()
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                # One bad line must not end the session: its bytes are replaced, and it says so.
+                _stderr_info(f"warning: input is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start} "
+                             "of the line); undecodable bytes replaced by U+FFFD")
+                line = raw.decode("utf-8", "replace")
         if not line:
             raise EOFError
         return line.rstrip("\n")

@@ -8,6 +8,7 @@ compiled code from disk instead.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from . import paths
@@ -72,7 +73,7 @@ def _reset_jax_cache() -> None:
 
 
 def configure(*, compile_cache: bool = True, coordinator: str | None = None, num_processes: int | None = None,
-              process_id: int | None = None) -> None:
+              process_id: int | None = None, distributed_timeout_s: float | None = None) -> None:
     """Set up JAX for a CLI command: the compile cache on (or off) and, if asked, the multi-host runtime.
 
     The environment variable GROK_NO_COMPILE_CACHE (any value but "", "0", "false") also turns
@@ -87,5 +88,11 @@ def configure(*, compile_cache: bool = True, coordinator: str | None = None, num
 
     # Options, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; every process runs
     # the same command and only process 0 writes to the terminal.
-    if distributed.initialize(coordinator, num_processes, process_id):
+    def waiting(seconds: float) -> None:
+        sys.stderr.write(f"waiting for the coordinator {coordinator or os.environ.get(distributed.ENV_COORDINATOR)} "
+                         f"({seconds:.0f} s)\n")
+        sys.stderr.flush()
+
+    timeout = distributed.DEFAULT_TIMEOUT_S if distributed_timeout_s is None else distributed_timeout_s
+    if distributed.initialize(coordinator, num_processes, process_id, timeout_s=timeout, on_wait=waiting):
         distributed.quiet_unless_primary()

@@ -104,3 +104,20 @@ def test_distributed_options_come_from_flags_or_jax_environment():
             resolve_options(*args, environ={})
     with pytest.raises(DistributedError, match="JAX_NUM_PROCESSES"):
         resolve_options("h:1", environ={"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"})
+
+
+def test_unreachable_coordinator_is_one_line_not_an_abort():
+    """A worker whose coordinator never answers: progress while waiting, then one line, exit 1."""
+    from conftest import grok_command
+
+    command, env = grok_command()
+    t0 = time.monotonic()
+    proc = subprocess.run(command + ["complete", "--model", "demo", "--coordinator", "127.0.0.1:1",
+                                     "--num-processes", "2", "--process-id", "1", "--distributed-timeout", "6",
+                                     "hi"], capture_output=True, text=True, timeout=120, env=env)
+    assert time.monotonic() - t0 < 60
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: cannot reach the coordinator 127.0.0.1:1"), proc.stderr
+    assert any("waiting for the coordinator 127.0.0.1:1" in line for line in lines[:-1]), proc.stderr
+    assert "Traceback" not in proc.stderr and "@" not in proc.stderr

@@ -161,6 +161,36 @@ def test_save_and_load_round_trip(tmp_path):
         t.handle(f"/load {tmp_path / 'missing.json'}")
 
 
+def test_bad_session_files_leave_the_session_as_it_was(tmp_path):
+    """Hostile /load files: each is one ReplError, quickly, and the session keeps its state."""
+    s, _, _ = make_session(FakeStream([" world"]))
+    s.send("hello")
+    before = (list(s.turns), s.sampling, s.template)
+    good = {"format": "grokcli-repl-session", "version": 1, "template": "document",
+            "sampling": {"temperature": 0.5}, "turns": []}
+    cases = {
+        "deep.json": b"[" * 200_000 + b"]" * 200_000,
+        "stop_str.json": json.dumps({**good, "sampling": {"stop": "abc"}}).encode(),
+        "turn_types.json": json.dumps({**good, "turns": [{"input": 5}]}).encode(),
+        "huge.json": b" " * (65 << 20),
+        "binary.json": b"\xff\xfe\x00",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo.json")
+        cases["fifo.json"] = b""
+    for name in cases:
+        t0 = time.monotonic()
+        with pytest.raises(ReplError):
+            s.handle(f"/load {tmp_path / name}")
+        assert time.monotonic() - t0 < 5, name
+        assert (list(s.turns), s.sampling, s.template) == before, name
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(ReplError, match="not a regular file"):
+            s.handle("/load /dev/zero")
+
+
 def test_plain_stdin_loop(monkeypatch):
     """Without a terminal the REPL reads lines: triple-quoted blocks, commands, /exit."""
     import io
@@ -171,6 +201,18 @@ def test_plain_stdin_loop(monkeypatch):
     run_repl(s, use_terminal=False)
     assert stream.prompts == ["hello", "hello!\nline one\nline two"]
     assert "temperature = 0.0" in info
+
+
+def test_invalid_utf8_input_does_not_end_the_session(monkeypatch, capsys):
+    import io
+
+    stream = FakeStream(["!", "?"])
+    s, _, _ = make_session(stream)
+    piped = io.TextIOWrapper(io.BytesIO(b"caf\xe9\nsecond\n/exit\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", piped)
+    run_repl(s, use_terminal=False)
+    assert stream.prompts == ["caf\ufffd", "caf\ufffd!\nsecond"]
+    assert "not valid UTF-8" in capsys.readouterr().err
 
 
 def test_help_lists_every_command():

@@ -117,6 +117,9 @@ class DeviceOptions:
     process_id: Optional[int] = _opt(Annotated[Optional[int], typer.Option(
         "--process-id", min=0, show_default=False, rich_help_panel=DEVICE_PANEL,
         help="Multi-host: this process's index, 0 .. num-processes-1.")])
+    distributed_timeout: float = _opt(Annotated[float, typer.Option(
+        "--distributed-timeout", min=1, envvar="GROK_DISTRIBUTED_TIMEOUT", rich_help_panel=DEVICE_PANEL,
+        help="Multi-host: seconds to wait for the coordinator and the other processes.")], 60.0)
     device_memory: Optional[str] = _opt(DeviceMemoryOpt)
     no_compile_cache: bool = _opt(Annotated[bool, typer.Option(
         "--no-compile-cache", envvar="GROK_NO_COMPILE_CACHE", rich_help_panel=MODEL_PANEL,
@@ -227,7 +230,8 @@ def setup_runtime(devices: DeviceOptions) -> None:
     from .. import runtime
 
     runtime.configure(compile_cache=not devices.no_compile_cache, coordinator=devices.coordinator,
-                      num_processes=devices.num_processes, process_id=devices.process_id)
+                      num_processes=devices.num_processes, process_id=devices.process_id,
+                      distributed_timeout_s=devices.distributed_timeout)
 
 
 def load_model(ckpt: CheckpointOptions, devices: DeviceOptions, *, quiet: bool = False,
