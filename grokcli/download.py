@@ -23,8 +23,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import threading
 import time
+import urllib.parse
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
@@ -188,7 +190,22 @@ def _wrap_hub_error(err: BaseException, what: str, repo_id: str, revision: str) 
     if isinstance(err, e.HfHubHTTPError) and response is not None:
         return DownloadError(f"{what}: HTTP {response.status_code} {response.reason_phrase} from {response.url.host}")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if _is_connection_error(err):
+        host = urllib.parse.urlsplit(_endpoint(None) or "https://huggingface.co").hostname
+        return DownloadError(f"{what}: cannot reach {host} ({first}); check the network, set HF_ENDPOINT to a "
+                             "mirror, or copy a checkpoint here and pass its directory with --local-dir")
     return DownloadError(f"{what}: {first}")
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    """Whether a failure (or what caused it) is the network: DNS, refused, unreachable, timed out."""
+    seen = 0
+    while err is not None and seen < 16:  # bounded: exception chains can be cyclic
+        if isinstance(err, (ConnectionError, TimeoutError, socket.gaierror)) or type(err).__name__ in (
+                "ConnectError", "ConnectTimeout", "LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def _endpoint(endpoint: str | None) -> str | None:

@@ -708,3 +708,10 @@ def test_verify_checkpoint_takes_c_and_refuses_a_non_checkpoint_in_one_line(tmp_
 def test_help_shows_flags_as_flags():
     r = run("complete", "--help")
     assert r.exit_code == 0 and "--quiet" in r.stdout and "<bool>" not in r.stdout
+
+
+def test_offline_download_names_the_host_and_the_way_out(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_ENDPOINT", "http://nonexistent.invalid")
+    r = run("download", "--dry-run", "--local-dir", str(tmp_path / "g"))
+    assert r.exit_code == 1
+    one_line_error(r, "cannot reach nonexistent.invalid", "HF_ENDPOINT", "--local-dir")
