@@ -92,7 +92,9 @@ class MemoryPlan:
             "context": self.context, "dtype": self.dtype,
             "weights_bytes": self.weights_bytes, "kv_cache_bytes": self.kv_cache_bytes,
             "activations_bytes": self.activations_per_device * self.devices,
-            "total_bytes": self.weights_bytes + self.kv_cache_bytes + self.activations_per_device * self.devices,
+            # Across all devices: every device holds the same share (axes that do not divide are
+            # replicated, the data axis copies the weights), so the total is per device x devices.
+            "total_bytes": self.per_device_bytes * self.devices,
             "weights_per_device_bytes": self.weights_per_device,
             "kv_cache_per_device_bytes": self.kv_cache_per_device,
             "activations_per_device_bytes": self.activations_per_device,

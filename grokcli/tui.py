@@ -317,12 +317,14 @@ def print_info(info: dict, *, show_memory: bool = False, stream: Optional[IO] = 
     mem = info["memory"]
     fits = {True: "[green]fits[/]", False: "[red]does not fit[/]", None: "device memory unknown"}[mem["fits"]]
     table.add_row("memory needed",
-                  f"{format_bytes(mem['total_bytes'])} total, {format_bytes(mem['per_device_bytes'])} per device "
+                  f"{format_bytes(mem['total_bytes'])} on all {mem['devices']} device(s) together, "
+                  f"{format_bytes(mem['per_device_bytes'])} per device "
                   f"on mesh {mem['mesh']} (batch {mem['batch']}, context {mem['context']:,}): {fits}")
     if show_memory:
         for label, key in (("weights", "weights"), ("KV cache", "kv_cache"), ("activations", "activations")):
             per_device = mem.get(f"{key}_per_device_bytes")
-            table.add_row(f"  {label}", format_bytes(mem[f"{key}_bytes"]) + " total" + (
+            whole = " (one copy)" if key == "weights" else " (all devices)" if key == "activations" else ""
+            table.add_row(f"  {label}", format_bytes(mem[f"{key}_bytes"]) + whole + (
                 f", {format_bytes(per_device)} per device" if per_device is not None else ""))
         if mem["device_memory_bytes"]:
             usable = mem.get("usable_bytes")

@@ -149,3 +149,10 @@ def test_info_plans_grok1_from_shapes_before_any_download():
     info = json.loads(r.stdout)
     assert info["from_shapes"] and info["checkpoint"] is None and "from shapes" in info["source"]
     assert info["config"]["num_layers"] == 64 and info["memory"]["fits"] is True
+
+
+def test_per_device_and_total_add_up_on_a_mesh_that_does_not_divide():
+    plan = plan_memory(GROK_1, (3, 3), batch=3, context=1024, device_memory=80 * GB).to_json()
+    assert plan["total_bytes"] == plan["per_device_bytes"] * 9
+    assert plan["per_device_bytes"] == (plan["weights_per_device_bytes"] + plan["kv_cache_per_device_bytes"]
+                                        + plan["activations_per_device_bytes"])
