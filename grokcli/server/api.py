@@ -192,8 +192,13 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     return app
 
 
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
 def _error_response(state: ServerState, request: Request, exc: ApiError) -> JSONResponse:
-    state.metrics.requests.labels(request.url.path, str(exc.status)).inc()
+    path = request.url.path
+    endpoint = path if path in _ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else "other"
+    state.metrics.requests.labels(endpoint, str(exc.status)).inc()  # a fixed label set, whatever the path
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
@@ -347,15 +352,16 @@ class _Run:
         except EngineClosed as e:
             raise ApiError(503, f"the server is not taking requests: {e}", code="server_unavailable") from None
 
-    async def events(self, request: Request) -> AsyncIterator[tuple[int, object]]:
+    async def events(self, request: Request | None) -> AsyncIterator[tuple[int, object]]:
         """(choice index, TokenOut | DoneOut) until every sequence is done; cancels them all if
-        the client goes away or the consumer stops early."""
+        the consumer stops early or, when `request` is given, the client goes away (a streaming
+        response is cancelled by Starlette itself when its client disconnects)."""
         try:
             while len(self.done) < len(self.seqs):
                 try:
                     index, event = await asyncio.wait_for(self.queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+                    if request is not None and await request.is_disconnected():
                         return
                     continue
                 if isinstance(event, DoneOut):
@@ -370,7 +376,7 @@ class _Run:
                 self.engine.cancel(seq)
 
 
-def _prepare(state: ServerState, request: Request, req, prompts: list[list[int]], max_tokens, default_max,
+def _prepare(state: ServerState, req, prompts: list[list[int]], max_tokens, default_max,
              logprobs: int, stop: tuple[str, ...], param: str) -> _Run:
     engine = state.engine
     n = req.n or 1
@@ -432,7 +438,7 @@ def _streaming(state: ServerState, endpoint: str, body: AsyncIterator[str]) -> S
 
 async def _complete(state: ServerState, request: Request, req: CompletionRequest):
     _check_model(state, req.model)
-    engine = _engine(state)
+    _engine(state)  # 503 while loading
     _unsupported(req)
     if req.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
@@ -444,7 +450,7 @@ async def _complete(state: ServerState, request: Request, req: CompletionRequest
                        param="echo", code="unsupported_parameter")
     prompts = _encode_prompts(state, req.prompt)
     logprobs = req.logprobs or 0
-    run = _prepare(state, request, req, prompts, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, logprobs,
+    run = _prepare(state, req, prompts, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, logprobs,
                    _stops(req), "prompt")
     echo = {i: state.tokenizer.decode(prompts[i // run.n]) if req.echo else "" for i in range(len(run.seqs))}
     run.start(state.settings.retry_after_s)
@@ -459,7 +465,7 @@ async def _complete(state: ServerState, request: Request, req: CompletionRequest
         async def body():
             offsets = {i: len(echo[i]) for i in echo}
             started = set()
-            async for index, event in run.events(request):
+            async for index, event in run.events(None):
                 text = ""
                 if index not in started:
                     started.add(index)
@@ -516,7 +522,7 @@ def _completion_logprobs(state: ServerState, events: list[TokenOut], offset: int
 
 async def _chat(state: ServerState, request: Request, req: ChatCompletionRequest):
     _check_model(state, req.model)
-    engine = _engine(state)
+    _engine(state)  # 503 while loading
     _unsupported(req)
     if req.tools:
         raise ApiError(400, "tools are not supported: Grok-1 is a base model without tool calling", param="tools",
@@ -531,7 +537,7 @@ async def _chat(state: ServerState, request: Request, req: ChatCompletionRequest
     stops = tuple(dict.fromkeys(_stops(req) + template.stop))
     logprobs = (req.top_logprobs or 0) if req.logprobs else 0
     # The engine returns the chosen token's logprob only alongside at least one alternative.
-    run = _prepare(state, request, req, [ids], req.max_completion_tokens or req.max_tokens, None,
+    run = _prepare(state, req, [ids], req.max_completion_tokens or req.max_tokens, None,
                    max(logprobs, 1) if req.logprobs else 0, stops, "messages")
     run.start(state.settings.retry_after_s)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -550,7 +556,7 @@ async def _chat(state: ServerState, request: Request, req: ChatCompletionRequest
             for i in range(len(run.seqs)):
                 yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                   "logprobs": None, "finish_reason": None}], **extra})
-            async for index, event in run.events(request):
+            async for index, event in run.events(None):
                 if isinstance(event, TokenOut):
                     if not (event.text or req.logprobs):
                         continue

@@ -91,6 +91,24 @@ class EngineConfig:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
 
 
+def plan_parallel(cfg, mesh_shape=(1, 1), *, context: int | None = None, prefill_chunk: int = 128,
+                  device_memory: int | None = None, dtype: str = "bfloat16", most: int = 16,
+                  unknown: int = 4) -> int:
+    """The most KV slots (at most `most`) whose memory plan fits the devices beside the weights;
+    `unknown` when the device memory is not known (CPUs), 1 when not even one fits (loading then
+    fails with the numbers)."""
+    from ..memory import plan_memory
+
+    for n in sorted({most, *(m for m in (12, 8, 6, 4, 3, 2, 1) if m < most)}, reverse=True):
+        plan = plan_memory(cfg, mesh_shape, batch=n, context=context, prefill_tokens=prefill_chunk, dtype=dtype,
+                           device_memory=device_memory)
+        if plan.fits is None:
+            return min(unknown, most)
+        if plan.fits:
+            return n
+    return 1
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenOut:
     """One generated token of a sequence, with the text it makes final."""
@@ -402,8 +420,20 @@ class Engine:
 
     def _setup(self) -> None:
         model, cfg, n, c = self.model, self.cfg, self.slots, self.context
-        self._cache = model_fn.init_cache(cfg, n, c, model.dtype)
-        self._seen = jnp.zeros((n, cfg.vocab_size), bool)
+        mesh = getattr(model, "mesh", None)
+        self._outs = {}  # output layouts on a mesh: each output feeds the next step as that input
+        if mesh is None:
+            self._cache = model_fn.init_cache(cfg, n, c, model.dtype)
+            self._seen = jnp.zeros((n, cfg.vocab_size), bool)
+        else:
+            from .. import sharding
+
+            self._cache = sharding.init_cache(cfg, n, c, model.dtype, mesh)  # never whole on one device
+            rep = sharding.replicated(mesh)
+            self._seen = sharding.put(np.zeros((n, cfg.vocab_size), bool), rep)
+            cache_layout = sharding.cache_shardings(cfg, n, c, mesh)
+            self._outs = {"step": (rep, rep, rep, rep, cache_layout, rep), "copy": cache_layout, "seen": rep,
+                          "key": rep}
         self._keys = np.zeros((n, 2), np.uint32)
         self._steps = np.zeros((n,), np.int32)
         self._lengths = np.zeros((n,), np.int32)  # positions each slot's cache holds
@@ -425,10 +455,11 @@ class Engine:
         if n >= self.mixed_min_rows:
             specs.append(("mixed", _batch_step, batch_args(self.chunk), dict(top_n=MAX_LOGPROBS), (1, 2)))
         for name, fn, args, extra, donate in specs:
-            self._exe[name] = self._compile(partial(fn, **common, **extra), args, donate)
-        self._exe["copy"] = self._compile(_copy_prefix, (self._cache, i32(0), i32(0), i32(0)), (0,))
-        self._exe["seen"] = self._compile(_set_seen, (self._seen, i32(0), np.zeros((cfg.vocab_size,), bool)), (0,))
-        self._exe["key"] = self._compile(_make_key, (np.uint32(0), i32(0)), ())
+            self._exe[name] = self._compile(partial(fn, **common, **extra), args, donate, "step")
+        self._exe["copy"] = self._compile(_copy_prefix, (self._cache, i32(0), i32(0), i32(0)), (0,), "copy")
+        self._exe["seen"] = self._compile(_set_seen, (self._seen, i32(0), np.zeros((cfg.vocab_size,), bool)), (0,),
+                                          "seen")
+        self._exe["key"] = self._compile(_make_key, (np.uint32(0), i32(0)), (), "key")
         # One call of each: the first run of an executable can still trace or transfer lazily.
         self._keys[:] = np.asarray(self._exe["key"](np.uint32(0), i32(0)))
         self._cache = self._exe["copy"](self._cache, i32(0), i32(0), i32(0))
@@ -440,8 +471,9 @@ class Engine:
         *out, self._cache, self._seen = self._exe["row"](*row_args())
         np.asarray(out[0])
 
-    def _compile(self, fn, args, donate):
-        return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    def _compile(self, fn, args, donate, kind):
+        pinned = {"out_shardings": self._outs[kind]} if kind in self._outs else {}
+        return jax.jit(fn, donate_argnums=donate, **pinned).lower(*args).compile()
 
     # -- the model thread ---------------------------------------------------------------------
 
