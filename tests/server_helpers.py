@@ -12,24 +12,7 @@ import subprocess
 import threading
 import time
 
-import sys
-
 import httpx
-
-_BOOT = """
-import argparse, os, sys, grokcli
-from grokcli import paths
-from grokcli.server import serve, ServerSettings, EngineConfig
-p = argparse.ArgumentParser()
-p.add_argument("cmd"); p.add_argument("--model"); p.add_argument("--host"); p.add_argument("--port", type=int)
-p.add_argument("--parallel", type=int); p.add_argument("--prefill-chunk", type=int)
-p.add_argument("--api-key"); p.add_argument("--max-queue", type=int, default=64)
-a = p.parse_args()
-grokcli.enable_compile_cache()
-serve(load=lambda: grokcli.load(paths.demo_model_dir()), host=a.host, port=a.port,
-      settings=ServerSettings(model_name="demo", api_key=a.api_key),
-      engine_config=EngineConfig(parallel=a.parallel, prefill_chunk=a.prefill_chunk, max_queue=a.max_queue))
-"""
 
 from conftest import grok_command
 
@@ -45,7 +28,6 @@ class ServerProcess:
 
     def __init__(self, *extra: str, env: dict | None = None):
         cmd, base_env = grok_command()
-        cmd = [sys.executable, "-c", _BOOT]
         self.args = [*cmd, "serve", "--model", "demo", "--host", "127.0.0.1", "--port", "0", *ENGINE_ARGS, *extra]
         self.env = {**base_env, **(env or {})}
         self.log: list[str] = []

@@ -179,6 +179,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0():
         assert '"finish_reason":"length"' in rest[-2]
         assert proc.terminate() == 0
         assert "Traceback" not in "".join(proc.log)
+        assert proc.stdout == []  # stdout is for model text only: the server writes nothing there
         with pytest.raises(httpx.TransportError):
             httpx.get(proc.url + "/health", timeout=5)
     finally:

@@ -5,13 +5,14 @@
     generate.py     complete, repl
     info.py         info
     checkpoints.py  download, verify-checkpoint
+    serve.py        serve (the OpenAI-compatible server, grokcli.server)
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from . import checkpoints, generate, info  # noqa: F401 - importing a command module registers its commands
+from . import checkpoints, generate, info, serve  # noqa: F401 - importing a command module registers its commands
 from .app import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, app, describe_error, exit_code_for
 
 __all__ = ["app", "main", "describe_error", "exit_code_for", "EXIT_USAGE", "EXIT_RUNTIME", "EXIT_INTERRUPTED"]

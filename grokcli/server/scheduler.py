@@ -91,17 +91,19 @@ class EngineConfig:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
 
 
-def plan_parallel(cfg, mesh_shape=(1, 1), *, context: int | None = None, prefill_chunk: int = 128,
+def plan_parallel(cfg, mesh=None, *, context: int | None = None, prefill_chunk: int = 128,
                   device_memory: int | None = None, dtype: str = "bfloat16", most: int = 16,
                   unknown: int = 4) -> int:
     """The most KV slots (at most `most`) whose memory plan fits the devices beside the weights;
     `unknown` when the device memory is not known (CPUs), 1 when not even one fits (loading then
-    fails with the numbers)."""
-    from ..memory import plan_memory
+    fails with the numbers). `mesh` as `memory.plan_for_devices` takes it."""
+    from ..memory import Reservation, plan_for_devices
 
+    context = context or cfg.sequence_len
+    chunk = min(prefill_chunk, context)
     for n in sorted({most, *(m for m in (12, 8, 6, 4, 3, 2, 1) if m < most)}, reverse=True):
-        plan = plan_memory(cfg, mesh_shape, batch=n, context=context, prefill_tokens=prefill_chunk, dtype=dtype,
-                           device_memory=device_memory)
+        plan = plan_for_devices(cfg, mesh, Reservation(batch=n, prompt_tokens=chunk, max_tokens=max(1, context - chunk)),
+                                device_memory=device_memory, dtype=dtype)
         if plan.fits is None:
             return min(unknown, most)
         if plan.fits:

@@ -87,7 +87,8 @@ def serve(model=None, tokenizer=None, *, load: Callable[[], tuple] | None = None
     """Serve a model over HTTP until Ctrl-C / SIGTERM; returns after a graceful shutdown.
 
     Give `model, tokenizer`, or `load`, a function returning them, which runs in the background
-    while the server already answers (/health 503 until the model is loaded and compiled).
+    while the server already answers (/health 503 until the model is loaded and compiled). If
+    loading fails, the server stops and serve() raises that error.
     """
     from .api import ServerSettings, create_app
 
@@ -104,6 +105,7 @@ def serve(model=None, tokenizer=None, *, load: Callable[[], tuple] | None = None
                             access_log=log_level == "debug")
     server = _Server(config)
     engine_box: list[Engine] = []
+    failure: list[BaseException] = []
 
     def bring_up():
         try:
@@ -117,11 +119,12 @@ def serve(model=None, tokenizer=None, *, load: Callable[[], tuple] | None = None
             log.info("model ready: %d slots of %d tokens, compiled in %.1fs", engine.slots, engine.context,
                      time.perf_counter() - t0)
             state.ready(engine)
-        except Exception as e:  # noqa: BLE001 - keep serving /health with the reason
+        except BaseException as e:  # noqa: BLE001 - reported by serve() in the caller's thread
             if not isinstance(e, errors.GrokError):
                 log.exception("loading the model failed")
             state.failed(str(e) or type(e).__name__)
-            log.error("the model could not be loaded: %s", state.failure)
+            failure.append(e)
+            server.should_exit = True  # serve() re-raises it once the server has stopped
 
     server.on_exit = lambda: engine_box and engine_box[0].stop_accepting()
     loader = threading.Thread(target=bring_up, name="grok-loader", daemon=True)
@@ -137,6 +140,8 @@ def serve(model=None, tokenizer=None, *, load: Callable[[], tuple] | None = None
         sock.close()
         if engine_box:
             engine_box[0].close()
+    if failure:
+        raise failure[0]
 
 
 class _Server(uvicorn.Server):
