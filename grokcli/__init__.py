@@ -26,6 +26,9 @@ _LAZY = {
     "generate": "generation",
     "generate_batch": "generation",
     "enable_compile_cache": "runtime",
+    "PromptCache": "prompt_cache",
+    "PromptCacheError": "prompt_cache",
+    "RequestShape": "request_shape",
 }
 
 __all__ = [

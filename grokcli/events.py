@@ -20,8 +20,10 @@ class TopLogprob:
 class StatusEvent:
     """Something the user may want to see while no tokens flow (compiling, prefilling)."""
 
-    kind: str  # "compiling" | "compiled" | "prefill"
-    message: str  # e.g. "compiling (first run, cached for next time)" or "loaded compiled code"
+    # "truncated" | "preparing" (loading or compiling a step: which one is known only after) |
+    # "compiling" (a compile, the compile cache being off) | "compiled" (done: says which) | "prefill"
+    kind: str
+    message: str  # e.g. "compiled (first run, cached for next time)" or "loaded compiled code"
     cache_hit: bool | None = None  # for "compiled": whether the persistent compile cache served it
     seconds: float | None = None
 
@@ -48,6 +50,7 @@ class GenerationStats:
     decode_tokens_per_s: float
     total_s: float
     peak_memory_bytes: int | None  # device (or process) peak, None when unknown
+    cached_tokens: int = 0  # prompt tokens whose KV came from a prompt cache (not prefilled)
 
 
 @dataclasses.dataclass(frozen=True)

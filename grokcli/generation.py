@@ -1,165 +1,61 @@
-"""Generation in three layers: compiled prefill/decode steps -> a token loop -> events.
+"""Generation: prompts -> rows -> compiled steps over a KV cache -> a stream of events.
 
-The KV cache is preallocated per request batch; prompts are right-padded to a power-of-two
-length bucket, and the cache to a power-of-two context, so that new prompt lengths reuse
-compiled code. Each step's compiled executable is kept on the Model and reused; the decode
-step donates the cache so it is updated in place.
+One request runs in four parts: `_size` picks its shape (batch, prefill chunk and cache size
+from the fixed sets of `request_shape.py`), `_place` puts its cache and inputs on the devices
+(the cache of a PromptCache when one is given, so a shared prefix is not prefilled again),
+`_compile` gets the two steps of that shape (in memory, from the persistent compile cache, or
+compiled), and `_loop` prefills the new prompt tokens chunk by chunk and then decodes one token
+per step, each step dispatched before the previous one's tokens are read, so the device works
+while the host detokenises. More prompts than one batch holds run in consecutive groups.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import resource
-import sys
 import time
-from functools import partial
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import model as model_fn
-from . import samplers
-from .errors import PromptError, PromptTooLongError
-from .events import Completion, DoneEvent, GenerationStats, StatusEvent, TokenEvent, TopLogprob
+from . import samplers, steps
+from .events import Completion, DoneEvent, StatusEvent, TokenEvent
+from .prompt_cache import PromptCache, common_prefix
+from .request_shape import MIN_CONTEXT, RequestShape, batch_groups, fit_request, free_host_memory
+from .rows import Row, Times, advance, done_event, encode, fit_prompt, peak_memory_bytes, row_stats, text_state
 from .sampling import SamplingParams, sampling_params
 
-MIN_BUCKET = 16  # smallest prompt bucket
-MIN_CONTEXT = 512  # smallest cache: short requests of any length then share one compiled decode step
-
-# Counts of jax's own compilation events, read to tell a persistent-cache hit from a compile.
-_compile_events = {"cache_hits": 0, "backend_compiles": 0}
-
-
-def _on_event(event: str, **_kwargs) -> None:
-    if event == "/jax/compilation_cache/cache_hits":
-        _compile_events["cache_hits"] += 1
-
-
-def _on_duration(event: str, duration: float, **_kwargs) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":
-        _compile_events["backend_compiles"] += 1
-
-
-jax.monitoring.register_event_listener(_on_event)
-jax.monitoring.register_event_duration_secs_listener(_on_duration)
+__all__ = ["stream_generate", "stream_generate_batch", "generate", "generate_batch", "request_shape_for",
+           "peak_memory_bytes", "MIN_CONTEXT"]
 
 
 def length_bucket(n: int, cap: int) -> int:
-    """The smallest power of two >= n (at least MIN_BUCKET), capped at `cap`."""
-    bucket = MIN_BUCKET
+    """The former prompt-bucket rule (the smallest power of two >= n, at least 16, capped at `cap`).
+
+    Kept only while memory.py's and cli.py's sizing still call it: request_shape.request_shape
+    is the rule the engine runs (prefill chunks and a few cache sizes).
+    """
+    bucket = 16
     while bucket < n:
         bucket *= 2
     return min(bucket, cap)
 
 
-def peak_memory_bytes() -> int | None:
-    """Peak bytes in use on the first local device, or the process's peak RSS on CPU."""
-    try:
-        stats = jax.local_devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001 - backends without memory stats
-        stats = None
-    if stats and "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"])
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-# ---------------------------------------------------------------------------------------------
-# Layer 1: the jitted steps.
-
-
-def _prefill_step(params, tokens, lengths, cache, keys, row_params, seen, *, cfg, dtype, top_n):
-    h, cache = model_fn.forward(params, tokens, cfg, cache, input_lengths=lengths, dtype=dtype,
-                                fresh_cache=True)
-    last = h[jnp.arange(tokens.shape[0]), lengths - 1]  # [B, emb]: each row's last real token
-    return _sample_step(params, last, cache, keys, 0, row_params, seen, cfg=cfg, top_n=top_n)
-
-
-def _decode_step(params, tokens, cache, keys, step, row_params, seen, *, cfg, dtype, top_n):
-    ones = jnp.ones(tokens.shape[:1], jnp.int32)
-    h, cache = model_fn.forward(params, tokens[:, None], cfg, cache, input_lengths=ones, dtype=dtype)
-    return _sample_step(params, h[:, 0], cache, keys, step, row_params, seen, cfg=cfg, top_n=top_n)
-
-
-def _sample_step(params, hidden, cache, keys, step, row_params, seen, *, cfg, top_n):
-    logits = model_fn.lm_head(params, hidden, cfg)  # [B, vocab] f32
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-    token = samplers.sample(logits, step_keys, row_params, seen)
-    seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
-    if top_n:
-        logprob, top_ids, top_values = samplers.token_logprobs(logits, token, top_n)
-    else:
-        logprob = top_ids = top_values = None
-    return token, logprob, top_ids, top_values, cache, seen
-
-
-def _compile(model, key, fn, args, donate, out_shardings=None):
-    """AOT-compile `fn` for `args` once per (model, key); returns (executable, cache_hit or None)."""
-    if key in model.compiled:
-        return model.compiled[key], None
-    hits = _compile_events["cache_hits"]
-    pinned = {} if out_shardings is None else {"out_shardings": out_shardings}  # sharded: outputs feed inputs
-    jitted = jax.jit(fn, donate_argnums=donate, **pinned)
-    executable = jitted.lower(*args).compile()
-    model.compiled[key] = executable
-    return executable, _compile_events["cache_hits"] > hits
-
-
-# ---------------------------------------------------------------------------------------------
-# Layer 2: the token loop, and layer 3: events.
-
-
-@dataclasses.dataclass
-class _Row:
-    """Host-side state of one prompt in a batch."""
-
-    index: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    tokenizer: object | None
-    detok: object | None
-    stopper: object | None
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    text: list[str] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
-
-
-def _encode(tokenizer, prompt, vocab_size: int) -> list[int]:
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise PromptError("a text prompt needs a tokenizer (or pass a list of token ids)")
-        ids = tokenizer.encode(prompt)
-    else:
-        ids = [int(i) for i in prompt]
-        bad = [i for i in ids if not 0 <= i < vocab_size]
-        if bad:
-            raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
-    if not ids:
-        raise PromptError("the prompt is empty: give at least one token")
-    return ids
-
-
-def _fit_prompt(ids: list[int], context: int, max_tokens: int, truncate: str | None):
-    """The prompt ids that fit the context (with room for one new token), and a note if cut."""
-    if len(ids) + 1 <= context:
-        return ids, None
-    if truncate != "left":
-        raise PromptTooLongError(
-            f"prompt is {len(ids)} tokens but the context holds {context} (prompt + at least 1 new token); "
-            f"shorten it or pass truncate='left' (--truncate left)")
-    keep = max(context - max_tokens, context // 2, 1)
-    return ids[-keep:], f"prompt truncated on the left from {len(ids)} to {keep} tokens to fit the {context}-token context"
-
-
 def stream_generate_batch(model, tokenizer, prompts: Sequence, sampling=None, *, truncate: str | None = None,
-                          continuation: bool = False, **overrides) -> Iterator[StatusEvent | TokenEvent | DoneEvent]:
+                          continuation: bool = False, prefill_chunk: int | None = None,
+                          prompt_cache: PromptCache | None = None,
+                          **overrides) -> Iterator[StatusEvent | TokenEvent | DoneEvent]:
     """Generate for several prompts together; yields events whose `row` names the prompt.
 
     `sampling` is one SamplingParams for all prompts or a list with one per prompt; keyword
     overrides (temperature=..., max_tokens=...) apply to all. Raises ValueError /
-    PromptTooLongError before any work when a parameter or a prompt is unusable.
+    PromptTooLongError / MemoryPlanError before any work when a parameter, a prompt or the
+    memory is not enough; more prompts than one batch holds run in consecutive groups.
+
+    `prefill_chunk`: prompt tokens per prefill step (default 512; one compiled prefill serves
+    every prompt length). `prompt_cache`: a PromptCache whose cached KV is reused for the prefix
+    the prompts share with its last request, and which keeps this request's KV afterwards.
 
     Text deltas concatenate to `tokenizer.decode(generated_ids)`. With `continuation=True` they
     are the text that continues the prompt instead: a leading space that `decode` drops at the
@@ -172,185 +68,306 @@ def stream_generate_batch(model, tokenizer, prompts: Sequence, sampling=None, *,
         raise ValueError("no prompts given")
     if truncate not in (None, "left"):
         raise ValueError(f"truncate must be None or 'left', got {truncate!r}")
+    if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+        raise TypeError(f"prompt_cache must be a grokcli.PromptCache, got {type(prompt_cache).__name__}")
     per_row = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
     if len(per_row) != len(prompts):
         raise ValueError(f"{len(per_row)} sampling settings for {len(prompts)} prompts")
     params = [sampling_params(p, **overrides) for p in per_row]
     notes, rows = [], []
     for i, (prompt, p) in enumerate(zip(prompts, params)):
-        ids, note = _fit_prompt(_encode(tokenizer, prompt, cfg.vocab_size), cfg.sequence_len, p.max_tokens, truncate)
+        ids, note = fit_prompt(encode(tokenizer, prompt, cfg.vocab_size), cfg.sequence_len, p.max_tokens, truncate)
         if note:
             notes.append(f"prompt {i}: {note}" if len(prompts) > 1 else note)
-        rows.append(_Row(i, ids, p, tokenizer, *_text_state(tokenizer, p, continuation)))
-    return _run(model, rows, notes)
+        rows.append(Row(i, ids, p, tokenizer, *text_state(tokenizer, p, continuation)))
+    if prompt_cache is not None:
+        prompt_cache.check_prompts([r.prompt_ids for r in rows])
+    group = request_shape_for(model, [len(r.prompt_ids) for r in rows], max(p.max_tokens for p in params),
+                              prefill_chunk=prefill_chunk)
+    return _generate(model, rows, notes, group, prompt_cache)
 
 
-def _text_state(tokenizer, params: SamplingParams, continuation: bool):
-    if tokenizer is None:
-        return None, None
-    from .stops import StopMatcher
-    from .tokenizer import IncrementalDetokenizer
+def request_shape_for(model, prompt_lengths: Sequence[int], max_tokens: int | None, *,
+                      prefill_chunk: int | None = None, min_context: int = 0) -> RequestShape:
+    """The shape a request for these prompts runs in on this model's devices (see fit_request).
 
-    return IncrementalDetokenizer(tokenizer, continuation), StopMatcher(list(params.stop))
+    Its `batch` is the group size: more prompts run in consecutive groups. Raises
+    MemoryPlanError when the KV cache and activations of even one prompt do not fit.
+    """
+    device = None
+    try:
+        from .memory import detected_device_memory
+
+        device = detected_device_memory()
+    except Exception:  # noqa: BLE001 - no device statistics: check host memory only
+        device = None
+    on_cpu = jax.default_backend() == "cpu"
+    mesh = getattr(model, "mesh", None)
+    mesh_shape = (1, 1) if mesh is None else (int(mesh.shape["data"]), int(mesh.shape["model"]))
+    return fit_request(model.config, rows=len(prompt_lengths), prompt_tokens=max(prompt_lengths),
+                       max_tokens=max_tokens, prefill_chunk=prefill_chunk, min_context=min_context, mesh=mesh_shape,
+                       dtype=np.dtype(model.dtype).name,
+                       device_memory=device, free_memory=free_host_memory() if on_cpu and device is None else None)
 
 
 def stream_generate(model, tokenizer, prompt, sampling: SamplingParams | None = None, *,
-                    truncate: str | None = None, continuation: bool = False,
+                    truncate: str | None = None, continuation: bool = False, prefill_chunk: int | None = None,
+                    prompt_cache: PromptCache | None = None,
                     **overrides) -> Iterator[StatusEvent | TokenEvent | DoneEvent]:
-    """Generate for one prompt (text or token ids), yielding status, token and done events."""
+    """Generate for one prompt (text or token ids), yielding status, token and done events.
+
+    `prompt_cache` (a PromptCache) reuses the KV of the prefix this prompt shares with the cache's
+    last request: a REPL passes the same one every turn and prefills only the turn's new text.
+    """
     return stream_generate_batch(model, tokenizer, [prompt], sampling, truncate=truncate,
-                                 continuation=continuation, **overrides)
+                                 continuation=continuation, prefill_chunk=prefill_chunk,
+                                 prompt_cache=prompt_cache, **overrides)
 
 
-def _run(model, rows: list[_Row], notes: list[str]):
-    cfg = model.config
-    batch = len(rows)
-    t_start = time.perf_counter()
+def _generate(model, rows: list[Row], notes: list[str], group: RequestShape, prompt_cache):
     for note in notes:
         yield StatusEvent("truncated", note)
-    longest = max(len(r.prompt_ids) for r in rows)
-    prompt_bucket = length_bucket(longest, cfg.sequence_len)
-    needed = prompt_bucket + max(r.params.max_tokens for r in rows)
-    context = length_bucket(max(needed, MIN_CONTEXT), cfg.sequence_len)
-    top_n = max(r.params.logprobs for r in rows)
+    groups = batch_groups(len(rows), group.batch)
+    for n, indices in enumerate(groups):
+        members = [rows[i] for i in indices]
+        interrupted = yield from _run(model, members, group.prefill_chunk, prompt_cache)
+        if interrupted:
+            for r in (rows[i] for later in groups[n + 1:] for i in later):
+                r.finish_reason = "interrupted"
+                yield done_event(r, row_stats(r, Times(time.perf_counter())))
+            return
 
-    tokens = np.full((batch, prompt_bucket), cfg.pad_token, np.int32)
-    seen = np.zeros((batch, cfg.vocab_size), bool)
+
+# ---------------------------------------------------------------------------------------------
+# One group of rows: size, place, compile, loop.
+
+
+class _Placed(NamedTuple):
+    """A request's inputs on the devices."""
+
+    cache: object  # model.KVCache
+    request: steps.RequestInputs
+    seen: jax.Array
+
+
+def _size(model, rows: list[Row], prefill_chunk: int | None, entry) -> RequestShape:
+    """The request's shape; a cached entry's cache size is kept when it is large enough."""
+    keep = _entry_context(entry) if entry is not None else 0
+    return request_shape_for(model, [len(r.prompt_ids) for r in rows], max(r.params.max_tokens for r in rows),
+                             prefill_chunk=prefill_chunk, min_context=keep)
+
+
+def _entry_context(entry) -> int:
+    """Positions per row of a prompt cache entry (a file's: its tokens and one more)."""
+    if entry.cache is not None:
+        return int(entry.cache.valid.shape[1])
+    return len(entry.ids[0]) + 1
+
+
+def _take_cache(model, shape: RequestShape, rows: list[Row], entry):
+    """The KV cache for the request: the entry's (its reusable prefix per row) or a new one."""
+    if entry is not None and entry.host is not None:
+        entry = _placed_entry(model, shape, entry)
+    usable = (entry is not None and entry.cache is not None and int(entry.cache.valid.shape[0]) == shape.batch
+              and int(entry.cache.valid.shape[1]) <= shape.context)
+    if not usable:
+        del entry  # free the old cache before allocating the new one
+        return steps.new_cache(model, shape)
     for r in rows:
-        tokens[r.index, :len(r.prompt_ids)] = r.prompt_ids
-        seen[r.index, r.prompt_ids] = True
-    lengths = np.array([len(r.prompt_ids) for r in rows], np.int32)
-    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(r.params.seed), r.index) for r in rows])
-    row_params = samplers.row_params([r.params for r in rows])
-    if getattr(model, "mesh", None) is not None:
-        from .sharding import step_inputs  # fixed layouts on the mesh; the cache never whole on a device
+        if r.slot < len(entry.ids):
+            # At least the last prompt token is computed again: its logits give the first new token.
+            r.cached = min(common_prefix(entry.ids[r.slot], r.prompt_ids), len(r.prompt_ids) - 1)
+    cache = entry.cache
+    if int(cache.valid.shape[1]) < shape.context:
+        cache = steps.grow_cache(model, cache, shape)
+    return cache
 
-        placed = step_inputs(cfg, model.mesh, model.dtype, context, tokens=tokens, lengths=lengths, seen=seen,
-                             keys=keys, row_params=row_params)
-        cache, tokens_dev, lengths_dev, seen_dev, keys, row_params, first_token, out_shardings = (
-            placed[k] for k in ("cache", "tokens", "lengths", "seen", "keys", "row_params", "first_token",
-                                "out_shardings"))
+
+def _placed_entry(model, shape: RequestShape, entry):
+    """An entry read from a file, put into a cache of the request's shape (its first row)."""
+    from .model import KVCache
+
+    k, v = entry.host
+    n = k.shape[1]
+    full = (model.config.num_layers, shape.batch, shape.context, model.config.num_kv_heads, model.config.key_size)
+    host_k, host_v = np.zeros(full, k.dtype), np.zeros(full, v.dtype)
+    host_k[:, 0, :n], host_v[:, 0, :n] = k, v
+    valid = np.zeros((shape.batch, shape.context), bool)
+    valid[0, :n] = np.asarray(entry.ids[0]) != model.config.pad_token
+    lengths = np.zeros((shape.batch,), np.int32)
+    lengths[0] = n
+    arrays = KVCache(host_k, host_v, valid, lengths)
+    if getattr(model, "mesh", None) is None:
+        cache = KVCache(*(jnp.asarray(a) for a in arrays))
     else:
-        cache = model_fn.init_cache(cfg, batch, context, model.dtype)
-        seen_dev, tokens_dev, lengths_dev = jnp.asarray(seen), jnp.asarray(tokens), jnp.asarray(lengths)
-        first_token, out_shardings = jnp.zeros((batch,), jnp.int32), None
+        from .sharding import cache_shardings, put
 
-    common = dict(cfg=cfg, dtype=model.dtype, top_n=top_n)
-    prefill_args = (model.params, tokens_dev, lengths_dev, cache, keys, row_params, seen_dev)
-    decode_args = (model.params, first_token, cache, keys, jnp.int32(0), row_params, seen_dev)
-    steps = {}
-    for kind, fn, args, donate in (("prefill", _prefill_step, prefill_args, (3, 6)),
-                                   ("decode", _decode_step, decode_args, (2, 6))):
-        key = (kind, batch, prompt_bucket if kind == "prefill" else 0, context, top_n)
-        if key not in model.compiled:
-            yield StatusEvent("compiling", f"compiling {kind} for batch {batch}, context {context}")
-            t0 = time.perf_counter()
-            steps[kind], hit = _compile(model, key, partial(fn, **common), args, donate, out_shardings)
-            cached = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
-            message = ("loaded compiled code" if hit else "compiled (first run, cached for next time)" if cached
-                       else "compiled (compile cache off)")
-            yield StatusEvent("compiled", f"{kind}: {message}", cache_hit=hit, seconds=time.perf_counter() - t0)
-        else:
-            steps[kind] = model.compiled[key]
-    del decode_args
+        layout = cache_shardings(model.config, shape.batch, shape.context, model.mesh)
+        cache = KVCache(*(put(a, s) for a, s in zip(arrays, layout)))
+    return dataclasses.replace(entry, cache=cache, host=None)
 
-    yield StatusEvent("prefill", f"prefilling {int(lengths.sum())} prompt tokens")
-    t_prefill = time.perf_counter()
-    out = steps["prefill"](*prefill_args)
-    del prefill_args, cache
-    t_first = None
-    active = list(rows)
-    step = 0
+
+def _place(model, shape: RequestShape, rows: list[Row], cache) -> _Placed:
+    """Sampling state of every row (padded rows draw greedily and are never read)."""
+    cfg = model.config
+    idle = SamplingParams(temperature=0)
+    params = [idle] * shape.batch
+    seen = np.zeros((shape.batch, cfg.vocab_size), bool)
+    keys = [jax.random.PRNGKey(0)] * shape.batch
+    for r in rows:
+        params[r.slot] = r.params
+        seen[r.slot, r.prompt_ids] = True
+        keys[r.slot] = jax.random.fold_in(jax.random.PRNGKey(r.params.seed), r.index)
+    logprobs = any(r.params.logprobs for r in rows)
+    request, seen_dev = steps.place_request(model, np.asarray(jnp.stack(keys)), samplers.row_params(params),
+                                            logprobs, seen)
+    return _Placed(cache, request, seen_dev)
+
+
+def _chunks(model, shape: RequestShape, rows: list[Row]) -> list[steps.PrefillChunk]:
+    """Each row's uncached prompt tokens in prefill chunks, aligned so every prompt ends in the last."""
+    c = shape.prefill_chunk
+    todo = {r.slot: r.prompt_ids[r.cached:] for r in rows}
+    count = max(shape.prefill_steps(len(ids)) for ids in todo.values())
+    out = []
+    for k in range(count):
+        tokens = np.full((shape.batch, c), model.config.pad_token, np.int32)
+        lengths = np.zeros((shape.batch,), np.int32)
+        start = np.zeros((shape.batch,), np.int32)
+        for r in rows:
+            ids = todo[r.slot]
+            j = k - (count - shape.prefill_steps(len(ids)))  # this row's own chunk number
+            piece = ids[j * c:(j + 1) * c] if j >= 0 else []
+            tokens[r.slot, :len(piece)] = piece
+            lengths[r.slot] = len(piece)
+            start[r.slot] = r.cached + max(j, 0) * c
+        out.append(steps.place_chunk(model, tokens, lengths, start))
+    return out
+
+
+def _compile(model, shape: RequestShape, chunk, placed: _Placed):
+    """The prefill and decode executables of the shape; yields status events when not in memory."""
+    first = steps.placeholder_token(model, shape)
+    out = {}
+    for kind, make in (
+            ("prefill", lambda: steps.compile_prefill(model, shape, chunk, placed.cache, placed.request, placed.seen)),
+            ("decode", lambda: steps.compile_decode(model, shape, first, placed.cache, placed.request, placed.seen))):
+        if steps.step_key(kind, shape) not in model.compiled:
+            yield _preparing(kind, shape)
+        result = make()
+        if result.cache_hit is not None:
+            yield StatusEvent("compiled", f"{kind}: {_compiled_message(result.cache_hit)}", cache_hit=result.cache_hit,
+                              seconds=result.seconds)
+        out[kind] = result.executable
+    return out["prefill"], out["decode"]
+
+
+def _preparing(kind: str, shape: RequestShape) -> StatusEvent:
+    what = f"{kind} for batch {shape.batch}, context {shape.context}"
+    if _compile_cache_on():
+        # Whether this loads from the persistent cache or compiles is known only afterwards.
+        return StatusEvent("preparing", f"preparing {what}")
+    return StatusEvent("compiling", f"compiling {what}")
+
+
+def _compile_cache_on() -> bool:
+    return bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
+
+
+def _compiled_message(cache_hit: bool) -> str:
+    if cache_hit:
+        return "loaded compiled code"
+    return "compiled (first run, cached for next time)" if _compile_cache_on() else "compiled (compile cache off)"
+
+
+def _run(model, rows: list[Row], prefill_chunk: int | None, prompt_cache):
+    """Generate for one group of rows; yields events, returns True when interrupted."""
+    times = Times(time.perf_counter())
+    for slot, r in enumerate(rows):
+        r.slot = slot
+    entry = prompt_cache.take(model) if prompt_cache is not None else None
+    shape = _size(model, rows, prefill_chunk, entry)
+    cache = _take_cache(model, shape, rows, entry)
+    del entry
+    placed = _place(model, shape, rows, cache)
+    chunks = _chunks(model, shape, rows)
+    state = _CacheState(placed.cache, shape, rows)
     try:
+        prefill, decode = yield from _compile(model, shape, chunks[0], placed)
+        return (yield from _loop(model, shape, rows, placed, chunks, prefill, decode, state, times))
+    finally:
+        if prompt_cache is not None:
+            state.store(model, prompt_cache)
+
+
+class _CacheState:
+    """The newest KV cache of a request and the token ids each row has written into it."""
+
+    def __init__(self, cache, shape: RequestShape, rows: list[Row]):
+        self.cache = cache
+        self.rows = rows
+        self.fed: list[jax.Array] = []  # [B] token arrays fed to decode steps, in order
+
+    def store(self, model, prompt_cache: PromptCache) -> None:
+        if self.cache is None or self.cache.k.is_deleted():
+            return  # a step failed after the cache was donated: nothing to keep
+        fed = np.stack([np.asarray(t) for t in self.fed], axis=1) if self.fed else None
+        ids, prompts = [], []
+        for r in self.rows:
+            ids.append(list(r.prompt_ids) + ([] if fed is None else fed[r.slot].tolist()))
+            prompts.append(len(r.prompt_ids))
+        prompt_cache.store(model, self.cache, ids, prompts)
+
+
+def _loop(model, shape: RequestShape, rows: list[Row], placed: _Placed, chunks, prefill, decode,
+          state: _CacheState, times: Times):
+    cfg = model.config
+    cached = sum(r.cached for r in rows)
+    times.prefilled = sum(len(r.prompt_ids) - r.cached for r in rows)
+    yield StatusEvent("prefill", f"prefilling {times.prefilled} prompt tokens"
+                      + (f" ({cached} reused from the prompt cache)" if cached else ""))
+    times.prefill = time.perf_counter()
+    active = list(rows)
+    try:
+        for chunk in chunks:
+            out = prefill(model.params, chunk, state.cache, placed.request, placed.seen)
+            state.cache = out.cache
+        step = 0
         while True:
-            token, logprob, top_ids, top_values, cache, seen_dev = out
+            sampled, cache, seen = out
             step += 1
-            # Dispatch the next step before reading this one, so the device works while the
-            # host detokenises (the cache is donated: `out` is replaced, never reused).
-            if any(len(r.token_ids) + 1 < min(r.params.max_tokens, context - len(r.prompt_ids) + 1) for r in active):
-                out = steps["decode"](model.params, token, cache, keys, jnp.int32(step), row_params, seen_dev)
+            # Dispatch the next step before reading this one (the cache is donated: `out` is
+            # replaced, never reused).
+            if any(len(r.token_ids) + 1 < min(r.params.max_tokens, shape.context - len(r.prompt_ids) + 1)
+                   for r in active):
+                out = decode(model.params, sampled.token, cache, placed.request, jnp.int32(step), seen)
+                state.cache = out.cache
+                state.fed.append(sampled.token)
             else:
                 out = None
-            token_host = np.asarray(token)
-            if t_first is None:
-                t_first = time.perf_counter()
-            lp_host = None if logprob is None else (np.asarray(logprob), np.asarray(top_ids), np.asarray(top_values))
+            token_host = np.asarray(sampled.token)
+            if times.first is None:
+                times.first = time.perf_counter()
+            lp_host = None
+            if any(r.params.logprobs for r in active):
+                lp_host = (np.asarray(sampled.logprob), np.asarray(sampled.top_ids), np.asarray(sampled.top_values))
             for r in list(active):
-                event = _advance(r, int(token_host[r.index]), lp_host, cfg, context)
+                event = advance(r, int(token_host[r.slot]), lp_host, cfg, shape.context)
                 if event is not None:
                     yield event
                 if r.finish_reason is not None:
                     active.remove(r)
-                    yield _done(r, _stats(r, t_start, t_prefill, t_first, lengths))
+                    yield done_event(r, row_stats(r, times))
             if not active or out is None:
-                for r in active:  # defensive: _advance finishes every row before `out` runs dry
+                for r in active:  # defensive: advance finishes every row before `out` runs dry
                     r.finish_reason = "length"
-                    yield _done(r, _stats(r, t_start, t_prefill, t_first, lengths))
-                return
+                    yield done_event(r, row_stats(r, times))
+                return False
     except KeyboardInterrupt:
         for r in active:
             r.finish_reason = "interrupted"
-            yield _done(r, _stats(r, t_start, t_prefill, t_first or time.perf_counter(), lengths))
-
-
-def _advance(r: _Row, token: int, lp_host, cfg, context: int) -> TokenEvent | None:
-    """Add one sampled token to a row; sets its finish_reason when it is done."""
-    if token == cfg.eos_token and not r.params.ignore_eos:
-        r.finish_reason = "eos"
-        return None
-    r.token_ids.append(token)
-    logprob = top = None
-    if lp_host is not None and r.params.logprobs:
-        logprob = float(lp_host[0][r.index])
-        ids, values = lp_host[1][r.index][: r.params.logprobs], lp_host[2][r.index][: r.params.logprobs]
-        top = tuple(TopLogprob(int(i), r.tokenizer.token_text(int(i)) if r.tokenizer else "", float(v))
-                    for i, v in zip(ids, values))
-    delta = ""
-    if r.detok is not None:
-        delta, stopped = r.stopper.feed(r.detok.push(token))
-        if stopped:
-            r.finish_reason = "stop"
-    if r.finish_reason is None:
-        if len(r.token_ids) >= r.params.max_tokens or len(r.prompt_ids) + len(r.token_ids) >= context:
-            r.finish_reason = "length"
-    if r.finish_reason == "length" and r.detok is not None:
-        delta += _finish_text(r)
-    r.text.append(delta)
-    return TokenEvent(r.index, token, delta, logprob, top)
-
-
-def _finish_text(r: _Row) -> str:
-    """Text still held by the detokenizer and the stop matcher when a row ends."""
-    tail, stopped = r.stopper.feed(r.detok.flush())
-    if not stopped:
-        tail += r.stopper.flush()  # may still complete an overlapping stop string
-    if r.stopper.stopped and r.finish_reason in ("length", "eos"):
-        r.finish_reason = "stop"  # the released text completed a stop string
-    return tail
-
-
-def _done(r: _Row, stats: GenerationStats) -> DoneEvent:
-    final_delta = ""
-    if r.finish_reason != "stop" and r.detok is not None:
-        final_delta = _finish_text(r)  # "" when _advance already flushed at "length"
-        r.text.append(final_delta)
-    return DoneEvent(r.index, r.finish_reason, "".join(r.text), tuple(r.token_ids), stats, final_delta)
-
-
-def _stats(r: _Row, t_start, t_prefill, t_first, lengths) -> GenerationStats:
-    now = time.perf_counter()
-    prefill_s = max(t_first - t_prefill, 1e-9)
-    decode_s = now - t_first
-    n = len(r.token_ids)
-    return GenerationStats(
-        prompt_tokens=len(r.prompt_ids),
-        generated_tokens=n,
-        time_to_first_token_s=t_first - t_start,
-        prefill_tokens_per_s=float(lengths.sum()) / prefill_s,
-        decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-        total_s=now - t_start,
-        peak_memory_bytes=peak_memory_bytes(),
-    )
+            yield done_event(r, row_stats(r, times))
+        return True
 
 
 def _completion(prompt, done: DoneEvent, row: list[TokenEvent]) -> Completion:
@@ -361,12 +378,14 @@ def _completion(prompt, done: DoneEvent, row: list[TokenEvent]) -> Completion:
 
 
 def generate_batch(model, tokenizer, prompts: Sequence, sampling=None, *, truncate: str | None = None,
-                   continuation: bool = False, **overrides) -> list[Completion]:
+                   continuation: bool = False, prefill_chunk: int | None = None,
+                   prompt_cache: PromptCache | None = None, **overrides) -> list[Completion]:
     """Finished completions for several prompts, generated together, in prompt order."""
     tokens: dict[int, list[TokenEvent]] = {i: [] for i in range(len(prompts))}
     done: dict[int, DoneEvent] = {}
     for event in stream_generate_batch(model, tokenizer, prompts, sampling, truncate=truncate,
-                                       continuation=continuation, **overrides):
+                                       continuation=continuation, prefill_chunk=prefill_chunk,
+                                       prompt_cache=prompt_cache, **overrides):
         if isinstance(event, TokenEvent):
             tokens[event.row].append(event)
         elif isinstance(event, DoneEvent):
@@ -375,7 +394,8 @@ def generate_batch(model, tokenizer, prompts: Sequence, sampling=None, *, trunca
 
 
 def generate(model, tokenizer, prompt, sampling: SamplingParams | None = None, *, truncate: str | None = None,
-             continuation: bool = False, **overrides) -> Completion:
+             continuation: bool = False, prefill_chunk: int | None = None, prompt_cache: PromptCache | None = None,
+             **overrides) -> Completion:
     """The finished completion of one prompt (`text`, `token_ids`, `finish_reason`, `stats`)."""
     return generate_batch(model, tokenizer, [prompt], sampling, truncate=truncate, continuation=continuation,
-                          **overrides)[0]
+                          prefill_chunk=prefill_chunk, prompt_cache=prompt_cache, **overrides)[0]

@@ -113,6 +113,8 @@ def load(path: str | Path, tokenizer: str | Path | None = None, *, progress: Pro
         from .sharding import make_mesh
 
         mesh = make_mesh(mesh)  # "DATAxMODEL" or (data, model): checked before any file is read
+    if mesh is not None and mesh.devices.size == 1:
+        mesh = None  # one device: the plain layout, so an explicit 1x1 mesh runs (and caches) the same code
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {root}")
     cfg = load_config(root)

@@ -288,31 +288,6 @@ def init_cache(cfg: ModelConfig, batch: int, context: int, dtype=None, mesh=None
     return make()
 
 
-def step_inputs(cfg: ModelConfig, mesh, dtype, context: int, *, tokens, lengths, seen, keys, row_params) -> dict:
-    """The generation step's inputs placed on the mesh, and the step's output shardings.
-
-    The compiled prefill/decode steps are called with their own outputs (token, cache, seen), so
-    each output is pinned to the layout of the input it feeds: the cache as `cache_shardings`,
-    the `seen` mask along "data", tokens and log-probabilities replicated (every process reads
-    them on the host).
-    """
-    batch = int(np.shape(tokens)[0])
-    rep = replicated(mesh)
-    cache = init_cache(cfg, batch, context, dtype, mesh)
-    seen_sharding = named(mesh, batch_part(np.shape(seen), mesh))
-    return {
-        "cache": cache,
-        "tokens": put_batch(np.asarray(tokens), mesh),
-        "lengths": put_batch(np.asarray(lengths), mesh),
-        "seen": put(seen, seen_sharding),
-        "keys": put_batch(np.asarray(keys), mesh),
-        "row_params": put_batch(type(row_params)(*(np.asarray(x) for x in row_params)), mesh),
-        "first_token": put(np.zeros((batch,), np.int32), rep),
-        # (token, logprob, top_ids, top_values, cache, seen)
-        "out_shardings": (rep, rep, rep, rep, cache_shardings(cfg, batch, context, mesh), seen_sharding),
-    }
-
-
 def leaf_bytes_per_device(shape: Sequence[int], itemsize: int, part: Sequence, mesh_shape: dict[str, int]) -> int:
     """Bytes one device holds of an array with this partition."""
     return math.prod(shard_shape(shape, part, mesh_shape)) * itemsize
@@ -322,4 +297,4 @@ __all__ = ["DATA", "MODEL", "MESH_AXES", "MeshError", "PARTITION_RULES", "CACHE_
            "scales_partition", "param_partitions", "cache_partitions", "shard_shape", "parse_mesh_shape",
            "mesh_suggestions", "check_mesh_shape", "make_mesh", "mesh_shape_dict", "named",
            "replicated", "put", "batch_part", "put_batch", "make_placer",
-           "cache_shardings", "init_cache", "step_inputs", "leaf_bytes_per_device"]
+           "cache_shardings", "init_cache", "leaf_bytes_per_device"]
