@@ -89,19 +89,22 @@ class ReplSession:
     """The state of a REPL session and one turn's generation.
 
     `stream` is `grokcli.stream_generate` (or a stand-in with the same signature); `write` receives
-    model text (stdout), `info` receives status lines (stderr).
+    model text (stdout), `info` receives status lines (stderr). `prompt_cache` (a
+    grokcli.PromptCache; made by default with the real stream) keeps the KV of the transcript,
+    so each turn, /regen and /undo prefill only the text that differs from the last request.
     """
 
     def __init__(self, model, tokenizer, sampling: SamplingParams, *, template: str = "document",
                  stream: Optional[Callable] = None, context_len: Optional[int] = None,
                  write: Optional[Callable[[str], None]] = None, info: Optional[Callable[[str], None]] = None,
-                 quiet: bool = False):
+                 quiet: bool = False, prompt_cache=None):
         if template not in TEMPLATES:
             raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
         if stream is None:
             import grokcli
 
             stream = grokcli.stream_generate
+            prompt_cache = prompt_cache if prompt_cache is not None else grokcli.PromptCache()
         self.model = model
         self.tokenizer = tokenizer
         self.sampling = sampling
@@ -113,6 +116,7 @@ class ReplSession:
         self._write = write or _stdout_write
         self._info = info or _stderr_info
         self.quiet = quiet
+        self.prompt_cache = prompt_cache
 
     # -- the document the model sees --------------------------------------------------------
 
@@ -188,7 +192,9 @@ class ReplSession:
                        f"the answer may stop early (/clear or /undo to make room)")
         self.generations += 1
         # The answer continues the transcript: keep its first piece's leading space.
-        events = self._stream(self.model, self.tokenizer, prompt, sampling, truncate=truncate, continuation=True)
+        reuse = {} if self.prompt_cache is None else {"prompt_cache": self.prompt_cache}
+        events = self._stream(self.model, self.tokenizer, prompt, sampling, truncate=truncate, continuation=True,
+                              **reuse)
         wrote = [False]
 
         def on_token(ev) -> None:
