@@ -30,18 +30,6 @@ __all__ = ["stream_generate", "stream_generate_batch", "generate", "generate_bat
            "peak_memory_bytes", "MIN_CONTEXT"]
 
 
-def length_bucket(n: int, cap: int) -> int:
-    """The former prompt-bucket rule (the smallest power of two >= n, at least 16, capped at `cap`).
-
-    Kept only while memory.py's and cli.py's sizing still call it: request_shape.request_shape
-    is the rule the engine runs (prefill chunks and a few cache sizes).
-    """
-    bucket = 16
-    while bucket < n:
-        bucket *= 2
-    return min(bucket, cap)
-
-
 def stream_generate_batch(model, tokenizer, prompts: Sequence, sampling=None, *, truncate: str | None = None,
                           continuation: bool = False, prefill_chunk: int | None = None,
                           prompt_cache: PromptCache | None = None,

@@ -191,20 +191,20 @@ class Reservation:
     batch: int = 1  # sequences generated together
     prompt_tokens: int = 0  # the longest prompt in tokens (an upper bound is fine)
     max_tokens: int | None = None  # new tokens per sequence; None reserves the whole context
+    prefill_chunk: int | None = None  # prompt tokens per prefill step (None: generation's default)
 
 
 def plan_for_devices(cfg: ModelConfig, mesh, reservation: Reservation | None = None, *,
                      device_memory: int | None = None, dtype: str = "bfloat16") -> MemoryPlan:
     """The memory plan of `cfg` on `mesh` (a jax Mesh, "DATAxMODEL", (data, model) or None: one
     device) for `reservation`; `device_memory` None means as detected."""
-    from .generation import MIN_CONTEXT, length_bucket
+    from .request_shape import MAX_BATCH, request_shape
     from .sharding import mesh_shape_dict, parse_mesh_shape
 
     r = reservation or Reservation()
-    context, prefill = cfg.sequence_len, None
-    if r.max_tokens is not None:
-        prefill = length_bucket(max(1, r.prompt_tokens), cfg.sequence_len)
-        context = length_bucket(max(prefill + r.max_tokens, MIN_CONTEXT), cfg.sequence_len)
+    # The shape generation will run in: batches of at most MAX_BATCH, the cache size it picks.
+    run = request_shape(cfg, rows=min(r.batch, MAX_BATCH), prompt_tokens=max(1, r.prompt_tokens),
+                        max_tokens=r.max_tokens, prefill_chunk=r.prefill_chunk)
     if mesh is None or hasattr(mesh, "devices"):
         shape = mesh_shape_dict(mesh)
         mesh = (shape[DATA], shape[MODEL])
@@ -212,8 +212,8 @@ def plan_for_devices(cfg: ModelConfig, mesh, reservation: Reservation | None = N
         mesh = parse_mesh_shape(mesh)
     if device_memory is None:
         device_memory = detected_device_memory()
-    return plan_memory(cfg, mesh, batch=r.batch, context=context, prefill_tokens=prefill, dtype=dtype,
-                       device_memory=device_memory)
+    return plan_memory(cfg, mesh, batch=run.batch, context=run.context, prefill_tokens=run.prefill_chunk,
+                       dtype=dtype, device_memory=device_memory)
 
 
 def check_fits(plan: MemoryPlan) -> MemoryPlan:
