@@ -49,6 +49,10 @@ class PromptTooLongError(PromptError):
     """A prompt does not fit in the context window with room for one new token."""
 
 
+class PromptCacheError(GrokError):
+    """A prompt cache file that cannot be used: another model or prompt, truncated or corrupt."""
+
+
 class MemoryPlanError(GrokError):
     """The model will not fit the devices; the message carries the numbers."""
 

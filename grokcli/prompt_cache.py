@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import GrokError
+from .errors import PromptCacheError
 from .fsutil import NotRegularFileError, atomic_write, open_regular_file
 
 MAGIC = b"GROKKV\x00\x01"
@@ -39,10 +39,6 @@ VERSION = 1
 MAX_HEADER_BYTES = 16 * 2**20  # a header with 8192 token ids is ~60 KB
 _DTYPES = ("float32", "bfloat16", "float16")
 _READ_BYTES = 64 * 2**20
-
-
-class PromptCacheError(GrokError):
-    """A prompt cache file that cannot be used: another model or prompt, truncated or corrupt."""
 
 
 @dataclasses.dataclass
