@@ -152,7 +152,9 @@ def format_seconds(s: float) -> str:
 def stats_line(stats, finish_reason: str, *, prefix: str = "") -> str:
     """The one-line summary printed after a completion (plain text, no markup)."""
     peak = format_bytes(stats.peak_memory_bytes) if stats.peak_memory_bytes else "n/a"
-    return (f"{prefix}prompt {stats.prompt_tokens} tok, {stats.prefill_tokens_per_s:.1f} tok/s | "
+    cached = getattr(stats, "cached_tokens", 0)
+    reused = f" ({cached} cached)" if cached else ""
+    return (f"{prefix}prompt {stats.prompt_tokens} tok{reused}, {stats.prefill_tokens_per_s:.1f} tok/s | "
             f"first token {format_seconds(stats.time_to_first_token_s)} | "
             f"generated {stats.generated_tokens} tok, {stats.decode_tokens_per_s:.1f} tok/s | "
             f"peak mem {peak} | finish: {finish_reason}")

@@ -268,3 +268,33 @@ def test_prompt_cache_file_skips_the_prefill_and_refuses_what_does_not_match(tin
     with pytest.raises(PromptCacheError, match="not a regular file"):
         PromptCache.load(tmp_path, tiny)
     assert not list(tmp_path.glob(".p.kv.*"))  # the atomic write left no temp file
+
+
+def test_grok_complete_prompt_cache_file(fixtures_dir, tmp_path, monkeypatch):
+    """The CLI: the first run saves the file, the second skips the prefill, a mismatch is one error line."""
+    from typer.testing import CliRunner
+
+    from grokcli import cli
+
+    for var in [v for v in __import__("os").environ if v.startswith("GROK_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "prompt.kv"
+
+    def grok(*extra):
+        return CliRunner().invoke(cli.app, ["complete", "-c", str(fixtures_dir / "tiny-a"), "--temp", "0", "-n", "4",
+                                            "--ignore-eos", "--prompt-cache", str(path), "--prefill-chunk", "8",
+                                            *extra], catch_exceptions=False)
+
+    first = grok("Once upon a time there was")
+    assert first.exit_code == 0, first.stderr
+    assert "saved the prompt's KV cache" in first.stderr and path.is_file()
+    second = grok("Once upon a time there was")
+    assert second.exit_code == 0, second.stderr
+    assert second.stdout == first.stdout and " cached)" in second.stderr and "saved" not in second.stderr
+    other = grok("A completely different prompt")
+    assert other.exit_code == 1 and "another prompt" in other.stderr and other.stdout == ""
+    assert len([line for line in other.stderr.splitlines() if line.startswith("error")]) == 1
+    path.write_bytes(path.read_bytes()[:-10])
+    broken = grok("Once upon a time there was")
+    assert broken.exit_code == 1 and "truncated" in broken.stderr and "Traceback" not in broken.stderr

@@ -16,6 +16,10 @@ from .app import EXIT_INTERRUPTED, app, usage_error
 from .options import (MODEL_PANEL, OUTPUT_PANEL, CheckpointOptions, CommonOptions, DeviceOptions, JsonOpt,
                       QuietOpt, SamplingOptions, load_model, same_seed_on_every_process, with_option_groups)
 
+PrefillChunkOpt = Annotated[Optional[int], typer.Option(
+    "--prefill-chunk", min=1, show_default=False, rich_help_panel=MODEL_PANEL,
+    help="Prompt tokens per prefill step (default 512): one compiled prefill serves every prompt length; "
+         "smaller chunks use less memory.")]
 PromptArg = Annotated[Optional[str], typer.Argument(
     show_default=False, help="The text to continue. '-' or no argument with piped stdin: read the prompt from stdin.")]
 
@@ -187,6 +191,11 @@ def complete(
         "--show-probs", rich_help_panel=OUTPUT_PANEL,
         help="Show each token's probability and its top alternatives (colour-coded in a terminal, "
              "a table on stderr; data in --json).")] = False,
+    prefill_chunk: PrefillChunkOpt = None,
+    prompt_cache: Annotated[Optional[Path], typer.Option(
+        "--prompt-cache", show_default=False, rich_help_panel=MODEL_PANEL,
+        help="Keep the prompt's KV cache in this file: the first run saves it, later runs whose prompt "
+             "starts with the same text skip its prefill. A file from another model or prompt is refused.")] = None,
     quiet: QuietOpt = False,
     devices: DeviceOptions = None,
     common: CommonOptions = None,
@@ -198,15 +207,36 @@ def complete(
     texts = read_prompts(prompt, prompts, file, batch_file, raw_prompt)
     sampling = sampling_opts.params(logprobs=5 if show_probs else 0)
     # A prompt has at most as many tokens as UTF-8 bytes: bounds the KV cache for the memory check.
+    if prompt_cache is not None and len(texts) > 1:
+        raise usage_error("--prompt-cache keeps the cache of one prompt: give one prompt", "--prompt-cache")
     lm, tok, resolved = load_model(ckpt, devices, quiet=quiet, batch=len(texts), max_tokens=sampling.max_tokens,
-                                   prompt_tokens=max(len(t.encode("utf-8")) for t in texts))
+                                   prompt_tokens=max(len(t.encode("utf-8")) for t in texts),
+                                   prefill_chunk=prefill_chunk)
     sampling = same_seed_on_every_process(sampling)
+    cache = _open_prompt_cache(prompt_cache, lm)
     _run_completions(lm, tok, texts, sampling, checkpoint=resolved.checkpoint, truncate=truncate == Truncate.left,
-                     stream=not no_stream, json_out=json_out, show_probs=show_probs, quiet=quiet)
+                     stream=not no_stream, json_out=json_out, show_probs=show_probs, quiet=quiet,
+                     prefill_chunk=prefill_chunk, prompt_cache=cache)
+    if cache is not None and not prompt_cache.exists():
+        cache.save(prompt_cache, lm)
+        if not quiet:
+            from .. import tui
+
+            tui.print_note(f"saved the prompt's KV cache to {prompt_cache} ({len(cache.tokens)} tokens)")
+
+
+def _open_prompt_cache(path: Optional[Path], lm):
+    """The PromptCache of --prompt-cache: the file's when it exists, else an empty one to save."""
+    if path is None:
+        return None
+    from ..prompt_cache import PromptCache
+
+    return PromptCache.load(path, lm) if path.exists() else PromptCache()
 
 
 def _run_completions(lm, tok, texts: list[str], sampling, *, checkpoint: Path, truncate: bool, stream: bool,
-                     json_out: bool, show_probs: bool, quiet: bool) -> None:
+                     json_out: bool, show_probs: bool, quiet: bool, prefill_chunk: Optional[int] = None,
+                     prompt_cache=None) -> None:
     """Generate for each prompt (one batch when several), render in prompt order."""
     import grokcli
 
@@ -214,7 +244,8 @@ def _run_completions(lm, tok, texts: list[str], sampling, *, checkpoint: Path, t
 
     sink = tui.TextSink(show_probs=show_probs)
     n = len(texts)
-    how = dict(truncate="left" if truncate else None, continuation=True)  # printed text continues the prompt
+    how = dict(truncate="left" if truncate else None, continuation=True,  # printed text continues the prompt
+               prefill_chunk=prefill_chunk, prompt_cache=prompt_cache)
     events = (grokcli.stream_generate(lm, tok, texts[0], sampling, **how) if n == 1
               else grokcli.stream_generate_batch(lm, tok, texts, sampling, **how))
     streaming = stream and not json_out

@@ -236,7 +236,7 @@ def setup_runtime(devices: DeviceOptions) -> None:
 
 def load_model(ckpt: CheckpointOptions, devices: DeviceOptions, *, quiet: bool = False,
                need_tokenizer: bool = True, batch: int = 1, prompt_tokens: int = 0,
-               max_tokens: Optional[int] = None):
+               max_tokens: Optional[int] = None, prefill_chunk: Optional[int] = None):
     """Resolve the checkpoint, prepare the runtime, load with a progress display on stderr.
 
     The fit check (`grokcli.load`'s) runs before any tensor is read. Returns (model, tokenizer, resolved).
@@ -266,7 +266,8 @@ def load_model(ckpt: CheckpointOptions, devices: DeviceOptions, *, quiet: bool =
     with tui.LoadProgress(resolved.checkpoint, quiet=quiet) as progress:
         model, tokenizer = grokcli.load(
             resolved.checkpoint, resolved.tokenizer, progress=progress.update, mesh=mesh,
-            reserve_for=Reservation(batch=batch, prompt_tokens=prompt_tokens, max_tokens=max_tokens),
+            reserve_for=Reservation(batch=batch, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                                    prefill_chunk=prefill_chunk),
             device_memory=devices.device_memory_bytes())
     if need_tokenizer and tokenizer is None:
         raise no_tokenizer(resolved)
