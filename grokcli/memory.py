@@ -202,9 +202,11 @@ def plan_for_devices(cfg: ModelConfig, mesh, reservation: Reservation | None = N
     from .sharding import mesh_shape_dict, parse_mesh_shape
 
     r = reservation or Reservation()
-    # The shape generation will run in: batches of at most MAX_BATCH, the cache size it picks.
-    run = request_shape(cfg, rows=min(r.batch, MAX_BATCH), prompt_tokens=max(1, r.prompt_tokens),
-                        max_tokens=r.max_tokens, prefill_chunk=r.prefill_chunk)
+    # The cache size and prefill chunk generation will use; batches of at most MAX_BATCH rows
+    # (generation checks its padded batch again when it runs, and splits it if memory is short).
+    run = request_shape(cfg, prompt_tokens=max(1, r.prompt_tokens), max_tokens=r.max_tokens,
+                        prefill_chunk=r.prefill_chunk)
+    batch = min(r.batch, MAX_BATCH)
     if mesh is None or hasattr(mesh, "devices"):
         shape = mesh_shape_dict(mesh)
         mesh = (shape[DATA], shape[MODEL])
@@ -212,7 +214,7 @@ def plan_for_devices(cfg: ModelConfig, mesh, reservation: Reservation | None = N
         mesh = parse_mesh_shape(mesh)
     if device_memory is None:
         device_memory = detected_device_memory()
-    return plan_memory(cfg, mesh, batch=run.batch, context=run.context, prefill_tokens=run.prefill_chunk,
+    return plan_memory(cfg, mesh, batch=batch, context=run.context, prefill_tokens=run.prefill_chunk,
                        dtype=dtype, device_memory=device_memory)
 
 

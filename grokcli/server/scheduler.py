@@ -102,7 +102,8 @@ def plan_parallel(cfg, mesh=None, *, context: int | None = None, prefill_chunk: 
     context = context or cfg.sequence_len
     chunk = min(prefill_chunk, context)
     for n in sorted({most, *(m for m in (12, 8, 6, 4, 3, 2, 1) if m < most)}, reverse=True):
-        plan = plan_for_devices(cfg, mesh, Reservation(batch=n, prompt_tokens=chunk, max_tokens=max(1, context - chunk)),
+        plan = plan_for_devices(cfg, mesh, Reservation(batch=n, prompt_tokens=chunk, max_tokens=max(1, context - chunk),
+                                                         prefill_chunk=chunk),
                                 device_memory=device_memory, dtype=dtype)
         if plan.fits is None:
             return min(unknown, most)
