@@ -110,7 +110,7 @@ def run_sequential(model, prompts, params):
 def main(argv=None) -> None:
     a = parse_args(argv)
     import grokcli
-    from grokcli.sampling import SamplingParams
+    from grokcli.sampling_params import SamplingParams
     from grokcli.server import Engine, EngineConfig
 
     cfg = make_config(a)

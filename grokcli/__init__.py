@@ -14,7 +14,7 @@ import importlib
 from .config import GROK_1, ModelConfig, load_config
 from .errors import CheckpointError, ConfigError, GrokError, PromptError, PromptTooLongError, TokenizerError
 from .events import Completion, DoneEvent, GenerationStats, StatusEvent, TokenEvent, TopLogprob
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 

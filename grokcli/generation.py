@@ -24,7 +24,7 @@ from .events import Completion, DoneEvent, StatusEvent, TokenEvent
 from .prompt_cache import PromptCache, common_prefix
 from .request_shape import MIN_CONTEXT, RequestShape, batch_groups, fit_request, free_host_memory
 from .rows import Row, Times, advance, done_event, encode, fit_prompt, peak_memory_bytes, row_stats, text_state
-from .sampling import SamplingParams, sampling_params
+from .sampling_params import SamplingParams, sampling_params
 
 __all__ = ["stream_generate", "stream_generate_batch", "generate", "generate_batch", "request_shape_for",
            "peak_memory_bytes", "MIN_CONTEXT"]

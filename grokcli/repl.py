@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 from .errors import GrokError, UsageError
 from .fsutil import atomic_write_text
 from .stops import expand_escapes
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 TEMPLATES = ("document", "chat")
 CHAT_USER, CHAT_BOT = "Human:", "Assistant:"

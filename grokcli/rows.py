@@ -13,7 +13,7 @@ import jax
 
 from .errors import PromptError, PromptTooLongError
 from .events import DoneEvent, GenerationStats, TokenEvent, TopLogprob
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 FILTERED = -1e10  # the reference's fill value for filtered-out logits
 

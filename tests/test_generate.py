@@ -18,7 +18,7 @@ from grokcli.checkpoint import random_params, write_checkpoint
 from grokcli.config import ModelConfig
 from grokcli.events import DoneEvent, StatusEvent, TokenEvent
 from grokcli.loader import Model
-from grokcli.sampling import SamplingParams
+from grokcli.sampling_params import SamplingParams
 
 from conftest import TINY_CONFIG
 
@@ -347,3 +347,9 @@ def test_prompts_must_be_a_list_and_empty_prompts_are_prompt_errors(tiny):
         grokcli.generate(tiny, None, [1, 10**6])
     with pytest.raises(ValueError, match="seed"):
         grokcli.generate(tiny, None, [1, 2], seed=2**32)
+
+
+def test_sampling_params_keep_their_old_import_path():
+    from grokcli import sampling
+
+    assert sampling.SamplingParams is SamplingParams is grokcli.SamplingParams

@@ -20,7 +20,7 @@ from grokcli.memory import MemoryPlanError
 from grokcli.prompt_cache import PromptCache, PromptCacheError
 from grokcli.repl import ReplSession
 from grokcli.request_shape import batch_size, cache_sizes, fit_request
-from grokcli.sampling import SamplingParams
+from grokcli.sampling_params import SamplingParams
 
 from conftest import TINY_CONFIG
 

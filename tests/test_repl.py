@@ -13,7 +13,7 @@ import pytest
 
 from grokcli.events import DoneEvent, GenerationStats, StatusEvent, TokenEvent
 from grokcli.repl import ReplError, ReplSession, help_text, run_repl
-from grokcli.sampling import SamplingParams
+from grokcli.sampling_params import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

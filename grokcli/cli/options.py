@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import InvalidParameterError
-from ..sampling import SamplingParams
+from ..sampling_params import SamplingParams
 from .app import ColorOpt, DebugOpt, usage_error
 
 MODEL_PANEL = "Model"

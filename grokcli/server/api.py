@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..sampling import SamplingParams
+from ..sampling_params import SamplingParams
 from . import schemas
 from .chat import DEFAULT_TEMPLATE, get_template
 from .metrics import CONTENT_TYPE, ServerMetrics

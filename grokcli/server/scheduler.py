@@ -36,7 +36,7 @@ import numpy as np
 from .. import model as model_fn
 from .. import samplers
 from ..events import TopLogprob
-from ..sampling import SamplingParams
+from ..sampling_params import SamplingParams
 
 log = logging.getLogger("grokcli.server")
 
