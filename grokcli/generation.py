@@ -138,9 +138,9 @@ class _Placed(NamedTuple):
     seen: jax.Array
 
 
-def _size(model, rows: list[Row], prefill_chunk: int | None, entry) -> RequestShape:
-    """The request's shape; a cached entry's cache size is kept when it is large enough."""
-    keep = _entry_context(entry) if entry is not None else 0
+def _size(model, rows: list[Row], prefill_chunk: int | None, entry, reserved: int) -> RequestShape:
+    """The request's shape; a cached entry's cache size (or a reserved one) is kept when larger."""
+    keep = max(_entry_context(entry) if entry is not None else 0, reserved)
     return request_shape_for(model, [len(r.prompt_ids) for r in rows], max(r.params.max_tokens for r in rows),
                              prefill_chunk=prefill_chunk, min_context=keep)
 
@@ -274,7 +274,8 @@ def _run(model, rows: list[Row], prefill_chunk: int | None, prompt_cache):
     for slot, r in enumerate(rows):
         r.slot = slot
     entry = prompt_cache.take(model) if prompt_cache is not None else None
-    shape = _size(model, rows, prefill_chunk, entry)
+    reserved = (prompt_cache.context or 0) if prompt_cache is not None else 0
+    shape = _size(model, rows, prefill_chunk, entry, reserved)
     cache = _take_cache(model, shape, rows, entry)
     del entry
     placed = _place(model, shape, rows, cache)

@@ -56,13 +56,27 @@ class _Entry:
 class PromptCache:
     """The KV cache of the last request, reused by a next request that shares a prefix."""
 
-    def __init__(self) -> None:
+    def __init__(self, context: int | None = None) -> None:
+        """`context`: run every request of this cache in a KV cache of at least this many positions
+        (rounded up to a cache size), so a growing session never changes size and compiles once;
+        each step then attends over all of them. None: the smallest size each request needs."""
+        if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context < 1):
+            raise ValueError(f"context must be a positive integer or None, got {context!r}")
+        self.context = context
         self._entry: _Entry | None = None
 
     @property
     def tokens(self) -> tuple[int, ...]:
         """The token ids whose keys and values are cached (first row), () when empty."""
         return self._entry.ids[0] if self._entry is not None and self._entry.ids else ()
+
+    @property
+    def positions(self) -> int:
+        """KV positions per row of the cached arrays (0 when empty): the cache size in use."""
+        entry = self._entry
+        if entry is None:
+            return 0
+        return int(entry.cache.valid.shape[1]) if entry.cache is not None else len(entry.ids[0])
 
     def clear(self) -> None:
         """Drop the cached arrays (frees their device memory)."""

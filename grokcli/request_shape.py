@@ -5,6 +5,12 @@ powers of two, every prompt is prefilled in chunks of one size, and the cache is
 sizes (`cache_sizes`). A session whose transcript grows from 100 to 8000 tokens then compiles
 once per cache size, and any prompt length reuses the same prefill. `request_shape` is the one
 rule; the engine, the memory planner's callers and the CLI all ask it.
+
+Steps attend over the whole cache (its unwritten positions masked), so a cache bigger than a
+request needs costs attention work: at most CONTEXT_GROWTH x. At Grok-1's width attention is a
+small share of a step (a 512-token chunk over 8192 positions: ~8% of its FLOPs), so few sizes
+(few compiles, each ~40 s at 64 layers before the layer scan) win; at a tiny width attention
+dominates and a larger cache shows in the time to first token (benchmarks/bench_ttft.py).
 """
 
 from __future__ import annotations
