@@ -180,6 +180,7 @@ class Sequence:
             self._detok = IncrementalDetokenizer(tokenizer, continuation=True)
             self._stopper = StopMatcher(list(params.stop))
         self._tokenizer = tokenizer
+        self.row_params = None  # its sampling settings as a one-row RowParams (set when it gets a slot)
 
     @property
     def prefilling(self) -> bool:
@@ -340,7 +341,7 @@ class Engine:
         self._closed = False
         self._stop = threading.Event()
         self.error: str | None = None  # set when the model thread died
-        self.compiles_after_warmup: int | None = None
+        self.row_decode_max = 0  # while at most this many rows decode, they step one by one (set at warm-up)
         self._compiled_at_warmup = 0
         Sequence._eos = cfg.eos_token
 
@@ -449,12 +450,13 @@ class Engine:
         batch_args = lambda t: (model.params, self._cache, self._seen, np.zeros((n, t), i32), self._lengths,  # noqa: E731
                                 self._lengths, no, self._keys, self._steps, self._row_params)
         one_params = samplers.row_params([_IDLE])
-        row_args = lambda: (model.params, self._cache, self._seen, i32(0), np.zeros((1, self.chunk), i32),  # noqa: E731
-                            i32(0), i32(1), np.bool_(False), self._keys[:1], self._steps[:1], one_params)
+        row_args = lambda t: (model.params, self._cache, self._seen, i32(0), np.zeros((1, t), i32),  # noqa: E731
+                              i32(0), i32(1), np.bool_(False), self._keys[:1], self._steps[:1], one_params)
         self._exe = {}
         specs = [("decode0", _batch_step, batch_args(1), dict(top_n=0), (1, 2)),
                  ("decode", _batch_step, batch_args(1), dict(top_n=MAX_LOGPROBS), (1, 2)),
-                 ("row", _row_step, row_args(), dict(top_n=MAX_LOGPROBS), (1, 2))]
+                 ("row", _row_step, row_args(self.chunk), dict(top_n=MAX_LOGPROBS), (1, 2)),
+                 ("row1", _row_step, row_args(1), dict(top_n=MAX_LOGPROBS), (1, 2))]
         if n >= self.mixed_min_rows:
             specs.append(("mixed", _batch_step, batch_args(self.chunk), dict(top_n=MAX_LOGPROBS), (1, 2)))
         for name, fn, args, extra, donate in specs:
@@ -471,8 +473,27 @@ class Engine:
             t = self.chunk if name == "mixed" else 1
             *out, self._cache, self._seen = self._exe[name](*batch_args(t))
             np.asarray(out[0])
-        *out, self._cache, self._seen = self._exe["row"](*row_args())
-        np.asarray(out[0])
+        for name, t in (("row", self.chunk), ("row1", 1)):
+            *out, self._cache, self._seen = self._exe[name](*row_args(t))
+            np.asarray(out[0])
+        # A decode step over every slot costs about the same however many are busy (on a CPU,
+        # several times one row's step: the MoE then reads every expert). While few rows decode,
+        # one-row steps are cheaper: measure how many.
+        t_batch = self._time(lambda: self._exe["decode0"](*batch_args(1)))
+        t_row = self._time(lambda: self._exe["row1"](*row_args(1)))
+        self.row_decode_max = min(int(t_batch / t_row), self.slots - 1) if t_row < t_batch else 0
+        log.info("decode step: %.1f ms over %d slots, %.1f ms for one row: one-row steps while <= %d rows decode",
+                 t_batch * 1e3, self.slots, t_row * 1e3, self.row_decode_max)
+
+    def _time(self, step, rounds: int = 3) -> float:
+        """The fastest of a few runs of a compiled step (it returns (..., cache, seen))."""
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            *out, self._cache, self._seen = step()
+            np.asarray(out[0])
+            best = min(best, time.perf_counter() - t0)
+        return best
 
     def _compile(self, fn, args, donate, kind):
         pinned = {"out_shardings": self._outs[kind]} if kind in self._outs else {}
@@ -565,6 +586,7 @@ class Engine:
             self._keys[slot] = np.asarray(self._exe["key"](np.uint32(seq.params.seed), np.int32(seq.key_index)))
             self._params[slot] = seq.params
             self._row_params = samplers.row_params(self._params)
+            seq.row_params = samplers.row_params([seq.params])  # for its one-row steps
             if seq.params.repetition_penalty != 1.0:
                 row = np.zeros((self.cfg.vocab_size,), bool)
                 row[seq.prompt_ids] = True
@@ -594,7 +616,10 @@ class Engine:
         if len(prefilling) >= self.mixed_min_rows and "mixed" in self._exe:
             self._mixed_step(prefilling, decoding)
             return
-        if decoding:
+        if decoding and len(decoding) <= self.row_decode_max:
+            for seq in decoding:
+                self._decode_row(seq)
+        elif decoding:
             self._decode_step(decoding)
         if prefilling:
             self._row_step(min(prefilling, key=lambda s: s.id))  # oldest first: its first token soonest
@@ -625,11 +650,24 @@ class Engine:
             self.model.params, self._cache, self._seen, np.int32(slot), tokens, np.int32(start),
             np.int32(len(piece)), np.bool_(start + len(piece) == len(seq.prompt_ids)),
             self._keys[slot:slot + 1], self._steps[slot:slot + 1],
-            samplers.row_params([seq.params]))
+            seq.row_params)
         host = [np.asarray(x) for x in result]
         self._prefilled(seq, piece)
         if not seq.prefilling:
             self._deliver([seq], host, lambda _seq: 0, time.perf_counter() - t0)
+
+    def _decode_row(self, seq: Sequence) -> None:
+        """One decode step of one slot alone (cheaper than the all-slot step while few decode)."""
+        slot = seq.slot
+        t0 = time.perf_counter()
+        *result, self._cache, self._seen = self._exe["row1"](
+            self.model.params, self._cache, self._seen, np.int32(slot), self._last_token[slot:slot + 1, None],
+            np.int32(self._lengths[slot]), np.int32(1), np.bool_(True), self._keys[slot:slot + 1],
+            self._steps[slot:slot + 1], seq.row_params)
+        host = [np.asarray(x) for x in result]
+        self._slot_ids[slot].append(int(self._last_token[slot]))
+        self._lengths[slot] += 1
+        self._deliver([seq], host, lambda _seq: 0, time.perf_counter() - t0)
 
     def _mixed_step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> None:
         tokens = np.zeros((self.slots, self.chunk), np.int32)
