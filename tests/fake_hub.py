@@ -13,7 +13,10 @@ Two HTTP servers in one object, like the real service:
 
 Xet is never advertised (no `X-Xet-Hash`), so the client uses plain HTTP. Faults for tests:
 `drop_after[path] = n` sends the first n bytes of the file's next download then drops the
-connection (once); `fail_status[path] = code` answers that status to every download of the file.
+connection (once); `fail_status[path] = code` answers that status to every download of the file;
+`corrupt[path] = data` serves `data` instead of the file's content while the listing still
+advertises the real size and hash; `drip[path] = seconds` sends the file one byte every `seconds`
+(the rest at once when the hub is closed).
 Every request is logged in `requests` as (method, url path, Range header or None).
 """
 
@@ -47,6 +50,9 @@ class FakeHub:
         self.raw = dict(raw or {})  # name -> content, served at {cdn}/raw/{name}
         self.drop_after: dict[str, int] = {}
         self.fail_status: dict[str, int] = {}
+        self.corrupt: dict[str, bytes] = {}
+        self.drip: dict[str, float] = {}
+        self._closing = threading.Event()
         self.requests: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
         self._hub = ThreadingHTTPServer(("127.0.0.1", 0), self._handler(self._serve_hub))
@@ -63,6 +69,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         for server in (self._hub, self._cdn):
             server.shutdown()
             server.server_close()
@@ -176,7 +183,7 @@ class FakeHub:
                 return self._error(req, self.fail_status[file], None, "injected failure", head)
             headers = {"X-Repo-Commit": self.commit, "ETag": f'"{git_blob_id(data)}"',
                        "Content-Type": "application/octet-stream"}
-            return self._reply(req, 200, headers, data, head)
+            return self._reply(req, 200, headers, self.corrupt.get(file, data), head)
         self._error(req, 404, None, "not found", head)
 
     def _serve_cdn(self, req, head: bool) -> None:
@@ -195,6 +202,9 @@ class FakeHub:
             return self._reply(req, 404, {"Content-Type": "text/plain"}, b"not found", head)
         if not head and name in self.fail_status:
             return self._reply(req, self.fail_status[name], {"Content-Type": "text/plain"}, b"injected failure")
+        data = self.corrupt.get(name, data)
+        if not head and name in self.drip:
+            return self._drip(req, data, self.drip[name])
         start = 0
         rng = req.headers.get("Range")
         if rng:
@@ -223,5 +233,24 @@ class FakeHub:
         req.close_connection = True
         try:
             req.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _drip(self, req, data: bytes, seconds: float) -> None:
+        req.send_response(200)
+        req.send_header("Content-Type", "application/octet-stream")
+        req.send_header("Content-Length", str(len(data)))
+        req.end_headers()
+        req.close_connection = True
+        try:
+            for i in range(len(data)):
+                req.wfile.write(data[i:i + 1])
+                req.wfile.flush()
+                if self._closing.wait(seconds):
+                    # Closing: finish the body at once, so an abandoned client ends quietly
+                    # instead of retrying against a closed server.
+                    req.wfile.write(data[i + 1:])
+                    req.wfile.flush()
+                    break
         except OSError:
             pass

@@ -319,3 +319,132 @@ def test_cli_download_refuses_without_space(tmp_path, published_checkpoint, monk
         r = _cli("download", "--local-dir", str(tmp_path / "grok"), env={"HF_ENDPOINT": hub.endpoint})
         assert r.exit_code == 1 and "not enough disk space" in r.stderr and "--force" in r.stderr
         assert "Traceback" not in r.stderr and hub.downloads() == []
+
+
+# -- hostile hubs: corrupted bytes, names outside --local-dir, stalls, Ctrl-C -----------------
+
+
+def _flip(data: bytes) -> bytes:
+    out = bytearray(data)
+    out[len(out) // 2] ^= 0x01
+    return bytes(out)
+
+
+def test_corrupted_lfs_file_is_refused_never_left_in_place_and_the_next_run_fetches_only_it(tmp_path, tokenizer_bytes):
+    files = _tensor_files() | {"tokenizer.model": tokenizer_bytes}
+    victim = "ckpt-0/tensor00002_000"
+    dest = tmp_path / "grok"
+    with FakeHub(REPO, files) as hub:
+        hub.corrupt[victim] = _flip(files[victim])  # same size, the listing keeps the real sha256
+        got = _cli("download", "--local-dir", str(dest), env={"HF_ENDPOINT": hub.endpoint})
+        assert got.exit_code == 1 and "Traceback" not in got.stderr
+        [line] = [l for l in got.stderr.splitlines() if l.strip()][-1:]
+        assert victim in line and "sha256" in line and "not installed" in line
+        assert hub.downloads().count(victim) == 2  # refetched once within the run, then refused
+        assert not (dest / victim).exists()
+        assert not (dest / ".cache").exists()  # no staged copy left either
+        recorded = {e.path: e.sha256 for e in dl.read_manifest(dest / "manifest.json").files}
+        assert recorded[victim] is None  # the advertised hash is never recorded for bytes not on disk
+        for p, data in files.items():
+            if p != victim:
+                assert recorded[p] == hashlib.sha256((dest / p).read_bytes()).hexdigest() == \
+                    hashlib.sha256(data).hexdigest()
+
+        hub.requests.clear()
+        plan = dl.plan_download(REPO, local_dir=dest, endpoint=hub.endpoint)
+        assert [f.path for f in plan.to_fetch] == [victim]
+        with pytest.raises(dl.DownloadError, match=victim):
+            dl.download(plan)
+        assert set(hub.downloads()) == {victim}
+
+        del hub.corrupt[victim]
+        hub.requests.clear()
+        assert _run(hub, dest).fetched == (victim,) and hub.downloads() == [victim]
+    assert (dest / victim).read_bytes() == files[victim]
+
+
+def test_a_file_changed_after_its_hash_was_recorded_is_hashed_again_and_refetched(tmp_path, tokenizer_bytes, monkeypatch):
+    files = _tensor_files() | {"tokenizer.model": tokenizer_bytes}
+    with FakeHub(REPO, files) as hub:
+        _run(hub, tmp_path)
+        hashed = []
+        real = dl.hash_file
+        monkeypatch.setattr(dl, "hash_file", lambda p, *a: hashed.append(Path(p).name) or real(p, *a))
+        assert dl.plan_download(REPO, local_dir=tmp_path, endpoint=hub.endpoint).to_fetch == ()
+        assert hashed == []  # size and mtime as recorded with the hash: trusted without a read
+
+        victim = tmp_path / "ckpt-0/tensor00001_000"
+        victim.write_bytes(_flip(victim.read_bytes()))  # same size, new mtime
+        plan = dl.plan_download(REPO, local_dir=tmp_path, endpoint=hub.endpoint)
+        assert hashed == ["tensor00001_000"] and [f.path for f in plan.to_fetch] == ["ckpt-0/tensor00001_000"]
+        dl.download(plan)
+    assert victim.read_bytes() == files["ckpt-0/tensor00001_000"]
+
+
+@pytest.mark.parametrize("name", ["../outside/ckpt-0/tensor00000_000", "ckpt-0/../../outside/tensor00000_000",
+                                  "/tmp/ckpt-0/tensor00000_000", "ckpt-0//tensor00001_000",
+                                  "ckpt-0\\..\\..\\tensor00000_000", "a\x1b[2J/tokenizer.model"])
+def test_remote_names_outside_the_directory_are_refused_before_any_write(tmp_path, name):
+    files = _tensor_files() | {name: b"x" * 2000}
+    dest = tmp_path / "inside" / "grok"
+    with FakeHub(REPO, files) as hub:
+        with pytest.raises(dl.DownloadError, match="refusing to download") as e:
+            plan = dl.plan_download(REPO, local_dir=dest, endpoint=hub.endpoint)
+            dl.download(plan)
+        assert hub.downloads() == []
+    assert "\x1b" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing written anywhere
+
+
+def test_relative_path_rules():
+    ok = ["ckpt-0/tensor00000_000", "tokenizer.model", "a/b/c/d"]
+    bad = ["", "/etc/passwd", "../x", "a/../b", "./a", "a/", "a//b", "C:/x", "a\\b", "a\0b", "a/" * 9 + "b", "x" * 600, 3]
+    assert [dl.relative_path_problem(n) for n in ok] == [None] * len(ok)
+    assert all(dl.relative_path_problem(n) for n in bad)
+
+
+def test_a_server_that_drips_bytes_is_abandoned_at_the_stall_deadline(tmp_path, tokenizer_bytes):
+    import time
+
+    files = _tensor_files() | {"tokenizer.model": tokenizer_bytes}
+    victim = "ckpt-0/tensor00003_000"
+    with FakeHub(REPO, files) as hub:
+        hub.drip[victim] = 5.0  # one byte every 5 s: never a read timeout, never done
+        plan = dl.plan_download(REPO, local_dir=tmp_path, endpoint=hub.endpoint)
+        t0 = time.monotonic()
+        with pytest.raises(dl.DownloadError, match=rf"1 of 5 files failed \({victim}: stalled.*in 1 s.*--stall-timeout"):
+            dl.download(plan, stall_timeout=1.0)
+        assert time.monotonic() - t0 < 4
+    assert not (tmp_path / victim).exists()
+    assert all((tmp_path / p).is_file() for p in files if p != victim)  # the others completed
+
+
+def test_stall_timeout_setting_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("GROK_DOWNLOAD_STALL_TIMEOUT", "soon")
+    with pytest.raises(dl.DownloadError, match="GROK_DOWNLOAD_STALL_TIMEOUT"):
+        dl.stall_timeout_default()
+    monkeypatch.setenv("GROK_DOWNLOAD_STALL_TIMEOUT", "2.5")
+    assert dl.stall_timeout_default() == 2.5
+
+
+def test_ctrl_c_says_it_was_interrupted_and_what_remains(tmp_path, tokenizer_bytes):
+    import _thread
+    import threading
+
+    files = _tensor_files() | {"tokenizer.model": tokenizer_bytes}
+    victim = "ckpt-0/tensor00000_000"
+    dest = tmp_path / "grok"
+    with FakeHub(REPO, files) as hub:
+        hub.drip[victim] = 5.0
+        timer = threading.Timer(1.0, _thread.interrupt_main)
+        timer.start()
+        try:
+            got = _cli("download", "--local-dir", str(dest), "--stall-timeout", "60",
+                       env={"HF_ENDPOINT": hub.endpoint})
+        finally:
+            timer.cancel()
+    assert got.exit_code == 130 and "Traceback" not in got.stderr
+    last = got.stderr.strip().splitlines()[-1]
+    assert "interrupted: 1 of 5 files" in last and "run the same command again" in last
+    assert not (dest / victim).exists()  # (a staged partial may remain in .cache/: the next run removes it)
+    assert (dest / "ckpt-0/tensor00001_000").read_bytes() == files["ckpt-0/tensor00001_000"]

@@ -42,6 +42,10 @@ def download_cmd(
         help="Download even when the free disk space looks too small.")] = False,
     max_workers: Annotated[int, typer.Option(
         "--max-workers", min=1, rich_help_panel=DOWNLOAD_PANEL, help="Files fetched at once.")] = 8,
+    stall_timeout: Annotated[Optional[float], typer.Option(
+        "--stall-timeout", min=0.001, max=1e6, envvar="GROK_DOWNLOAD_STALL_TIMEOUT", show_default=False,
+        rich_help_panel=DOWNLOAD_PANEL,
+        help="Abandon a file that receives less than one 10 MiB block in this many seconds. Default: 120.")] = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
     common: CommonOptions = None,
@@ -67,7 +71,7 @@ def download_cmd(
         if not quiet:
             tui.print_download_start(plan)
         with tui.TransferProgress("downloading", quiet=quiet) as display:
-            result = dl.download(plan, force=force, max_workers=max_workers,
+            result = dl.download(plan, force=force, max_workers=max_workers, stall_timeout=stall_timeout,
                                  on_progress=lambda p: display.update(p.bytes_done, p.bytes_total,
                                                                       p.files_done, p.files_total))
     if not quiet or result is not None:
