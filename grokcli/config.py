@@ -5,10 +5,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 from .layout import CONFIG_NAME
 from .errors import ConfigError
+from .fsutil import FileTooLargeError, read_regular_file
+
+# config.json is a few hundred bytes; anything past this is not a config.
+MAX_CONFIG_BYTES = 1 << 20
+
+# Upper bounds on the integer fields: far above any model of this architecture (Grok-1 in
+# brackets), low enough that nothing built per layer, head or expert can exhaust memory or time
+# before the files are looked at.
+LIMITS = {
+    "vocab_size": 1 << 22,  # [131072]
+    "sequence_len": 1 << 20,  # [8192]
+    "emb_size": 1 << 16,  # [6144]
+    "key_size": 1 << 12,  # [128]
+    "num_q_heads": 1 << 12,  # [48]
+    "num_kv_heads": 1 << 12,  # [8]
+    "num_layers": 1 << 12,  # [64]
+    "num_experts": 1 << 10,  # [8]
+    "num_selected_experts": 1 << 10,  # [2]
+}
+MAX_WIDENING_FACTOR = 64.0  # [8]
+MAX_PARAMETERS = 10 ** 13  # [3.2e11]
+MAX_MULTIPLIER = 1e6  # |embedding/output/attention multipliers|
 
 
 def ffn_size(emb_size: int, widening_factor: float) -> int:
@@ -55,11 +78,21 @@ class ModelConfig:
                     raise ConfigError(f"config field {f.name!r} must be an integer, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"config field {f.name!r} must be a number, got {value!r}")
-        positive = ("vocab_size", "sequence_len", "emb_size", "key_size", "num_q_heads",
-                    "num_kv_heads", "num_layers", "num_experts", "num_selected_experts")
-        for name in positive:
+        for name, limit in LIMITS.items():
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field {name!r} must be positive, got {getattr(self, name)}")
+            if getattr(self, name) > limit:
+                raise ConfigError(f"config field {name!r} is {getattr(self, name):,}, above the {limit:,} "
+                                  "grokcli accepts")
+        if not 0 < self.widening_factor <= MAX_WIDENING_FACTOR or self.ffn_size <= 0:
+            raise ConfigError(f"config field 'widening_factor' must be in (0, {MAX_WIDENING_FACTOR:g}] and give "
+                              f"a positive ffn_size, got {self.widening_factor}")
+        for name in ("embedding_multiplier_scale", "output_multiplier_scale", "attn_output_multiplier"):
+            if abs(getattr(self, name)) > MAX_MULTIPLIER:
+                raise ConfigError(f"config field {name!r} is {getattr(self, name):g}, beyond +-{MAX_MULTIPLIER:g}")
+        if (n := self.parameter_count) > MAX_PARAMETERS:
+            raise ConfigError(f"the config describes {n:.3g} parameters, more than the {MAX_PARAMETERS:.0e} "
+                              "grokcli accepts")
         if self.num_q_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
@@ -71,6 +104,14 @@ class ModelConfig:
         for name in ("pad_token", "eos_token"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ConfigError(f"{name} {getattr(self, name)} is outside the vocabulary (0..{self.vocab_size - 1})")
+
+    @property
+    def parameter_count(self) -> int:
+        """Parameters (dequantised) the config describes, by arithmetic: nothing is built per layer."""
+        attn = self.emb_size * self.key_size * (2 * self.num_q_heads + 2 * self.num_kv_heads)
+        moe = self.num_experts * 3 * self.emb_size * self.ffn_size + self.emb_size * self.num_experts
+        norms = 4 * self.emb_size
+        return self.num_layers * (attn + moe + norms) + self.vocab_size * self.emb_size + self.emb_size
 
     def to_json(self) -> dict:
         """The config as a JSON-ready dict (reference field names, plus the derived ffn_size)."""
@@ -122,12 +163,24 @@ GROK_1 = ModelConfig(
 
 
 def load_config(checkpoint_dir: str | Path) -> ModelConfig:
-    """The config of a checkpoint directory: its config.json, or Grok-1 when there is none."""
+    """The config of a checkpoint directory: its config.json, or Grok-1 when there is none.
+
+    Reads only a regular file of at most MAX_CONFIG_BYTES (a FIFO never blocks it) and bounds
+    every value (LIMITS) before anything is built from it.
+    """
     path = Path(checkpoint_dir) / CONFIG_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return GROK_1
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = read_regular_file(path, MAX_CONFIG_BYTES)
+    except FileTooLargeError:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a model config") from None
+    except OSError as e:  # NotRegularFileError (a FIFO, a folder) included
+        raise ConfigError(f"{path}: {e.strerror or 'not a regular file'}") from None
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and integers of too many digits
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return ModelConfig.from_dict(data, source=str(path))

@@ -45,7 +45,7 @@ from typing import Callable, Iterable
 
 from .layout import ANY_SHARD_TENSOR_NAME, CONFIG_NAME, MANIFEST_NAME, TENSOR_FOLDER, TOKENIZER_NAME
 from .errors import CheckpointError, ConfigError, DownloadError
-from .fsutil import NotRegularFileError, atomic_write_text, format_bytes, open_regular_file
+from .fsutil import FileTooLargeError, atomic_write_text, format_bytes, open_regular_file, read_regular_file
 
 DEFAULT_REPO = "xai-org/grok-1"
 DEFAULT_REVISION = "main"
@@ -102,19 +102,11 @@ def relative_path_problem(name: object) -> str | None:
 def read_small_file(path: Path, limit: int, what: str) -> bytes:
     """The bytes of a regular file of at most `limit` bytes (never blocks on a FIFO, never reads more)."""
     try:
-        with open_regular_file(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > limit:
-                raise CheckpointError(f"{path}: {what} of {format_bytes(size)} is larger than the "
-                                      f"{format_bytes(limit)} grokcli accepts")
-            data = f.read(limit + 1)
-    except NotRegularFileError:
-        raise CheckpointError(f"{path}: {what} is not a regular file") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: unreadable {what} ({e.strerror or e})") from None
-    if len(data) > limit:
-        raise CheckpointError(f"{path}: {what} grew past {format_bytes(limit)} while being read")
-    return data
+        return read_regular_file(path, limit)
+    except FileTooLargeError:
+        raise CheckpointError(f"{path}: {what} larger than the {format_bytes(limit)} grokcli accepts here") from None
+    except OSError as e:  # NotRegularFileError (a FIFO, a folder) included
+        raise CheckpointError(f"{path}: {what} unreadable ({e.strerror or 'not a regular file'})") from None
 
 
 # -- manifest --------------------------------------------------------------------------------
@@ -145,7 +137,14 @@ class Manifest:
 
     def to_json(self) -> dict:
         return {"format": _MANIFEST_FORMAT, "repo_id": self.repo_id, "revision": self.revision,
-                "origin": self.origin, "files": [dataclasses.asdict(e) for e in self.files]}
+                "origin": self.origin, "files": [_entry_json(e) for e in self.files]}
+
+
+def _entry_json(e: ManifestEntry) -> dict:
+    out = dataclasses.asdict(e)
+    if out["mtime_ns"] is None:
+        del out["mtime_ns"]
+    return out
 
 
 def read_manifest(path: str | Path, *, max_entries: int = MAX_FILES) -> Manifest:
@@ -155,7 +154,7 @@ def read_manifest(path: str | Path, *, max_entries: int = MAX_FILES) -> Manifest
     path must be a plain relative path (no absolute paths, no '..').
     """
     path = Path(path)
-    raw = read_small_file(path, MAX_MANIFEST_BYTES, "manifest")
+    raw = read_small_file(path, _byte_limit(max_entries), "manifest")
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -185,6 +184,12 @@ def read_manifest(path: str | Path, *, max_entries: int = MAX_FILES) -> Manifest
     return Manifest(tuple(entries), repo_id, revision, origin)
 
 
+def _byte_limit(max_entries: int) -> int:
+    """Bytes a listing of `max_entries` files can need (names, hashes, sizes), so that an
+    oversized one is refused before it is parsed."""
+    return min(MAX_MANIFEST_BYTES, (64 << 10) + max_entries * (2 * MAX_NAME_LENGTH + 256))
+
+
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
 
@@ -198,7 +203,7 @@ def read_sha256sums(path: str | Path, *, max_entries: int = MAX_FILES) -> Manife
     path = Path(path)
     entries = []
     try:
-        lines = read_small_file(path, MAX_MANIFEST_BYTES, "SHA256SUMS").decode("utf-8").splitlines()
+        lines = read_small_file(path, _byte_limit(max_entries), "SHA256SUMS").decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: not UTF-8 text ({e})") from None
     for n, line in enumerate(lines, 1):

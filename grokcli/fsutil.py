@@ -73,6 +73,22 @@ def open_regular_file(path: str | Path) -> Iterator[BinaryIO]:
         yield f
 
 
+class FileTooLargeError(OSError):
+    """A file is larger than the caller accepts."""
+
+
+def read_regular_file(path: str | Path, limit: int) -> bytes:
+    """All bytes of a regular file of at most `limit` bytes: never blocks on a FIFO, never reads more.
+
+    Raises NotRegularFileError, FileTooLargeError, or the OSError of the open or read.
+    """
+    with open_regular_file(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLargeError(f"larger than {limit:,} bytes: {path}")
+    return data
+
+
 def format_bytes(n: float) -> str:
     """1.5 GB style sizes (decimal units, as disks are sold)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):

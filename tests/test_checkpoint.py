@@ -358,8 +358,9 @@ def test_check_reads_headers_not_payloads(tiny_config, tiny_checkpoint, monkeypa
     d = tiny_checkpoint(cfg)
     import grokcli.checkpoint.reader as reader
 
+    import contextlib
+
     read_sizes = []
-    real_open = open
 
     class Spy:
         def __init__(self, f):
@@ -379,7 +380,14 @@ def test_check_reads_headers_not_payloads(tiny_config, tiny_checkpoint, monkeypa
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(reader, "open", lambda *a, **k: Spy(real_open(*a, **k)), raising=False)
+    real_open_regular = reader.open_regular_file
+
+    @contextlib.contextmanager
+    def spy_open(path):
+        with real_open_regular(path) as f:
+            yield Spy(f)
+
+    monkeypatch.setattr(reader, "open_regular_file", spy_open)
     check_checkpoint_shapes(d, cfg)
     # Payloads of 64 KiB or more sit outside pickle frames and are skipped, never read: the
     # 1 MiB embedding table for one. (Smaller ones arrive inside a frame with the header.)

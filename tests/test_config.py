@@ -93,3 +93,53 @@ def test_to_json_round_trips():
     cfg = ModelConfig(**TINY_CONFIG)
     assert ModelConfig.from_dict(cfg.to_json()) == cfg
     assert dataclasses.asdict(cfg).items() <= cfg.to_json().items()
+
+
+@pytest.mark.parametrize("changes,needle", [
+    (dict(num_layers=10 ** 5), "'num_layers' is 100,000, above"),
+    (dict(num_layers=10 ** 9), "'num_layers' is 1,000,000,000, above"),
+    (dict(vocab_size=1 << 23), "'vocab_size'"),
+    (dict(emb_size=1 << 17), "'emb_size'"),
+    (dict(num_experts=10 ** 6), "'num_experts'"),
+    (dict(sequence_len=10 ** 12), "'sequence_len'"),
+    (dict(widening_factor=1e9), "'widening_factor'"),
+    (dict(widening_factor=-2), "'widening_factor'"),
+    (dict(embedding_multiplier_scale=1e300), "'embedding_multiplier_scale'"),
+    (dict(num_layers=4096, emb_size=65536, vocab_size=1 << 22), "parameters, more than"),
+])
+def test_values_are_bounded_before_anything_is_built(changes, needle):
+    with pytest.raises(ConfigError, match=needle):
+        ModelConfig(**{**TINY_CONFIG, **changes})
+
+
+def test_grok1_parameter_count_is_its_size():
+    assert 3.1e11 < GROK_1.parameter_count < 3.2e11  # "314B parameters"
+
+
+def test_config_json_that_is_not_a_regular_file_never_blocks(tmp_path):
+    import os
+    import time
+
+    os.mkfifo(tmp_path / "config.json")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(tmp_path)
+    assert time.monotonic() - t0 < 2
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"num_layers": ' + "9" * 5000 + "}", "not valid JSON"),
+    (" " * (2 << 20), "larger than 1 MiB"),
+    (json.dumps({**TINY_CONFIG, "num_layers": float("nan")}), "'num_layers' must be an integer"),
+])
+def test_hostile_config_json_is_one_config_error(tmp_path, text, needle):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(tmp_path)
+
+
+def test_nonfinite_float_field_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_CONFIG, "attn_output_multiplier": float("inf")}))
+    with pytest.raises(ConfigError, match="attn_output_multiplier"):
+        load_config(tmp_path)

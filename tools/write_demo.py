@@ -69,7 +69,7 @@ def model_loss(model, ids: np.ndarray, seq: int, batch: int = 8) -> float:
 
 
 def write_manifest(dest: Path) -> Path:
-    """manifest.json with the size and SHA-256 of every tensor, the tokenizer and the model card.
+    """manifest.json with the size and SHA-256 of every tensor, the tokenizer, the config and the model card.
 
     `grok verify-checkpoint` then proves the shipped files intact, and the model card is a
     listed file rather than an unexpected extra. Rerun after editing README.md:
@@ -82,7 +82,7 @@ def write_manifest(dest: Path) -> Path:
     from grokcli.params import param_specs
 
     rels = [f"ckpt-0/tensor{i:05d}_000" for i in range(len(param_specs(load_config(dest))))]
-    rels += ["tokenizer.model", "README.md"]
+    rels += ["tokenizer.model", "config.json", "README.md"]
     entries = tuple(ManifestEntry(rel, (dest / rel).stat().st_size,
                                   hashlib.sha256((dest / rel).read_bytes()).hexdigest(), None) for rel in rels)
     write_manifest_file(dest, Manifest(entries, origin="local"))

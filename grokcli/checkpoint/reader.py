@@ -7,6 +7,7 @@ aligned buffer of its final numpy array; no intermediate bytes object is built.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..fsutil import NotRegularFileError, open_regular_file
 from ..params import ParamSpec, assemble, param_specs
 from ..quant import QuantizedWeight
 from ..layout import TENSOR_FOLDER, TENSOR_NAME, tensor_name
@@ -113,13 +115,23 @@ def validate_leaf(header: LeafHeader, spec: ParamSpec, name: str,
             raise shape_error(_shape_message(spec, header.array.shape, name))
 
 
+@contextlib.contextmanager
 def _open(path: Path, spec: ParamSpec):
+    # Regular files only: a FIFO would block forever (opened non-blocking, checked on the descriptor).
+    opened = False
     try:
-        # Unbuffered: the header is a handful of small reads, the payloads go straight into arrays.
-        return open(path, "rb", buffering=0)
+        with open_regular_file(path) as f:
+            opened = True
+            yield f
     except FileNotFoundError:
+        if opened:
+            raise
         raise CheckpointError(f"{path} is missing ({spec.path}, {spec.where})") from None
+    except NotRegularFileError:
+        raise CheckpointError(f"{path}: not a regular file ({spec.path})") from None
     except OSError as e:
+        if opened:
+            raise
         raise CheckpointError(f"{path}: cannot read ({e.strerror}) ({spec.path})") from None
 
 
