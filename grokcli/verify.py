@@ -288,10 +288,14 @@ def _kernel_fs_devices() -> set[int]:
     return devs
 
 
+def _under_kernel_fs(real: str) -> bool:
+    return any(real == r or real.startswith(r + "/") for r in _KERNEL_FS_ROOTS)
+
+
 def _kernel_file(path: Path, st: os.stat_result) -> str | None:
     """Where `path` really is when that is a kernel interface (/proc, /sys, /dev), else None."""
     real = os.path.realpath(path)
-    if any(real == r or real.startswith(r + "/") for r in _KERNEL_FS_ROOTS) or st.st_dev in _kernel_fs_devices():
+    if _under_kernel_fs(real) or st.st_dev in _kernel_fs_devices():
         return real
     return None
 
@@ -340,6 +344,10 @@ def _read_file(path: Path, rel: str, spec: ParamSpec | None, keep: bool,
     """
     res = _FileResult()
     param = _param_label(spec)
+    real = os.path.realpath(path)
+    if _under_kernel_fs(real):  # decided by name first: a kernel file is never opened
+        res.problems.append(Problem("unsafe", rel, param, f"refused: it is {real}, a kernel file"))
+        return res
     try:
         with open_regular_file(path) as f:
             _read_open_file(f, path, rel, spec, keep, on_bytes, limit, res)

@@ -369,7 +369,12 @@ def test_manifest_naming_files_outside_the_directory_is_refused_and_they_are_nev
 
 
 @pytest.mark.parametrize("target", ["/proc/self/mem", "/proc/self/pagemap"])
-def test_links_to_kernel_files_are_refused_without_reading(ckpt, target):
+def test_links_to_kernel_files_are_refused_without_opening_them(ckpt, target, monkeypatch):
+    from grokcli import verify
+
+    opened = []
+    real = verify.open_regular_file
+    monkeypatch.setattr(verify, "open_regular_file", lambda p: opened.append(os.path.realpath(p)) or real(p))
     i = index_of("router", 1)
     tensor(ckpt, i).unlink()
     tensor(ckpt, i).symlink_to(target)
@@ -382,6 +387,7 @@ def test_links_to_kernel_files_are_refused_without_reading(ckpt, target):
     assert ("unsafe", "notes.bin") in rows and ("size", f"ckpt-0/tensor{i:05d}_000") in rows
     assert ("unsafe", f"ckpt-0/tensor{i:05d}_000") in rows
     assert all("kernel file" in p.message for p in report.failures if p.check == "unsafe")
+    assert not [o for o in opened if o.startswith("/proc")]
 
 
 @pytest.mark.parametrize("victim", ["manifest.json", "SHA256SUMS", "tensor", "tokenizer.model", "config.json"])
