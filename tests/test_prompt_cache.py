@@ -306,3 +306,12 @@ def test_grok_complete_prompt_cache_file(fixtures_dir, tmp_path, monkeypatch):
     assert other.exit_code == 1 and "another prompt" in other.stderr and other.stdout == ""
     assert len([line for line in other.stderr.splitlines() if line.startswith("error")]) == 1
     assert "Traceback" not in other.stderr
+
+
+def test_an_explicit_one_by_one_mesh_runs_the_default_code(ckpt, tiny):
+    """--mesh 1x1 is the default layout: same executables (and persistent-cache entries), same tokens."""
+    model = grokcli.load(ckpt, mesh="1x1")[0]
+    assert model.mesh is None
+    prompt = ids(9, 50)
+    assert (grokcli.generate(model, None, prompt, max_tokens=3, **GREEDY).token_ids
+            == grokcli.generate(tiny, None, prompt, max_tokens=3, **GREEDY).token_ids)
