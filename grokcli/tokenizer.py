@@ -18,6 +18,9 @@ import sentencepiece as spm
 
 from .layout import TOKENIZER_NAME
 from .errors import TokenizerError
+from .fsutil import FileTooLargeError, read_regular_file
+
+MAX_TOKENIZER_BYTES = 64 << 20  # Grok-1's is 2.2 MB
 
 _SPACE = "\u2581"  # SentencePiece's "▁" whitespace marker
 
@@ -49,9 +52,11 @@ class Tokenizer:
         if path.is_dir():
             path = path / TOKENIZER_NAME
         try:
-            data = path.read_bytes()
+            data = read_regular_file(path, MAX_TOKENIZER_BYTES)  # a FIFO never blocks, /dev/zero never fills memory
         except FileNotFoundError:
             raise TokenizerError(f"tokenizer not found: {path}") from None
+        except FileTooLargeError:
+            raise TokenizerError(f"{path} is larger than {MAX_TOKENIZER_BYTES >> 20} MiB: not a tokenizer") from None
         except OSError as e:
             raise TokenizerError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
         return cls.from_bytes(data, path)
@@ -67,7 +72,10 @@ class Tokenizer:
                 raise RuntimeError("no pieces")
         except Exception:  # sentencepiece raises RuntimeError/OSError/ValueError depending on the damage
             raise TokenizerError(f"{where} is not a SentencePiece model ({len(data)} bytes could not be parsed)") from None
-        return cls(processor, path, hashlib.sha256(data).hexdigest())
+        try:
+            return cls(processor, path, hashlib.sha256(data).hexdigest())
+        except UnicodeDecodeError:  # SentencePiece loaded it, but a piece is not UTF-8 (a damaged file)
+            raise TokenizerError(f"{where} is a damaged SentencePiece model (a piece is not valid UTF-8)") from None
 
     def _find_anchor(self) -> tuple[int, str]:
         # A visible piece without a leading "▁": decoding it first ends the start-of-text state and

@@ -31,6 +31,7 @@ from .download import (MAX_FILES, TOKENIZER_SHA256, Manifest, ManifestEntry, rea
 from .errors import CheckpointError, GrokError, UsageError
 from .fsutil import NotRegularFileError, open_regular_file
 from .params import LAYER_PARAMS, ParamSpec, param_specs
+from .tokenizer import MAX_TOKENIZER_BYTES
 
 # Bytes per read. Each chunk is copied from the page cache and then hashed: at 1 MiB it is still in
 # the CPU cache when SHA-256 reads it. Measured here (2 vCPUs, warm page cache): 1.30 GB per
@@ -41,7 +42,6 @@ _REPORT_EVERY = 16 << 20  # progress callback granularity (bytes)
 # Names a checkpoint directory may hold besides its tensors and tokenizer.
 _KNOWN_FILES = {CONFIG_NAME, MANIFEST_NAME, SHA256SUMS_NAME, TOKENIZER_NAME}
 
-MAX_TOKENIZER_BYTES = 64 << 20  # Grok-1's is 2.2 MB; SentencePiece wants it in memory
 MAX_ROWS_PER_CHECK = 32  # missing/extra rows listed one by one; the rest become one summary row
 _GLOBAL_LEAVES = 2  # embed, final_norm
 # File systems whose "files" are kernel interfaces (reading /proc/self/mem aborts, pagemap never ends).
