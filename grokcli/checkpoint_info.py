@@ -31,16 +31,17 @@ def inspect_checkpoint(resolved: ResolvedCheckpoint | None, *, mesh: tuple[int, 
         tok_path = resolved.tokenizer or (resolved.checkpoint / TOKENIZER_NAME)
         tokenizer = str(tok_path) if tok_path.is_file() else None
 
-    backend, devices, cpu_matmul = None, [], None
+    backend, devices, cpu_matmul, cpu_matmul_detail = None, [], None, None
     if list_devices:
         import jax
 
         backend = jax.default_backend()
         devices = [str(d) for d in jax.devices()]
         if backend == "cpu":
-            from .quant import cpu_matmul_status
+            from .quant import cpu_matmul_report, cpu_matmul_status
 
             cpu_matmul = cpu_matmul_status()
+            cpu_matmul_detail = cpu_matmul_report()
         if device_memory is None:
             device_memory = detected_device_memory()
     if mesh is None:
@@ -60,5 +61,6 @@ def inspect_checkpoint(resolved: ResolvedCheckpoint | None, *, mesh: tuple[int, 
         "backend": backend,
         "devices": devices,
         "cpu_matmul": cpu_matmul,
+        "cpu_matmul_detail": cpu_matmul_detail,  # per shape class: the choice and the measured rates
         "memory": plan.to_json(),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +128,7 @@ def qmatmul(x, w, *, experts=None, group_sizes=None, compute_dtype=None):
             return jnp.einsum("ni,nio->no", x, w[experts])
         return x @ w
     x = x.astype(dtype)
-    if native_kernel_in_use():
+    if native_kernel_in_use(math.prod(x.shape[:-1])):
         return _native(x, w, experts, dtype)
     if group_sizes is not None:
         return _grouped(x, w, group_sizes, experts, dtype)
@@ -138,21 +139,37 @@ def qmatmul(x, w, *, experts=None, group_sizes=None, compute_dtype=None):
     return out.reshape(*lead, out.shape[-1])
 
 
-def native_kernel_in_use() -> bool:
-    """The native kernel (grokcli/native) on a single CPU device, when it builds here.
+def native_kernel_in_use(rows: int | None = None) -> bool:
+    """Whether the native kernel (grokcli/native) does a matmul of `rows` rows on this CPU.
 
-    Several (simulated) CPU devices keep the XLA loops: XLA cannot partition a custom call, so it
-    would gather every sharded weight onto each device first.
+    It does where it builds, on a single CPU device, and where it measured faster than the XLA
+    loops for that shape class (decode batch 1 / small batch / prefill; `native.select`), unless
+    GROK_NATIVE_KERNELS forces a side. `rows=None`: whether it is used for any class. Several
+    (simulated) CPU devices keep the XLA loops: XLA cannot partition a custom call, so it would
+    gather every sharded weight onto each device first.
     """
     if not _chunked_backend() or jax.device_count() != 1:
         return False
     from . import native
 
-    return native.usable()
+    if rows is None:
+        return native.usable() and any(native.chosen_for(r) for r in (1, 16, 64))
+    return native.chosen_for(rows)
+
+
+def cpu_matmul_report() -> dict:
+    """Which int8 matmul runs on this CPU per shape class, with the measured rates (`native.report`)."""
+    from . import native
+
+    if jax.device_count() != 1:
+        return {"kernel": "off", "reason": f"{jax.device_count()} CPU devices; the native kernel runs on a single "
+                "device", "forced": None, "library": None, "classes": None}
+    native_kernel_in_use()
+    return native.report()
 
 
 def cpu_matmul_status() -> str:
-    """Which int8 matmul runs on this CPU, and why (built here on first call, as a generation would)."""
+    """One line: which int8 matmul runs on this CPU, and why (measured here on first call, as a generation would)."""
     from . import native
 
     if jax.device_count() != 1:

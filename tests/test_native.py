@@ -3,7 +3,9 @@ a float64 numpy oracle; the whole model with and without it against the numpy re
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 from pathlib import Path
 
 import jax
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from grokcli import native, quant
+from grokcli.native import select
 from grokcli.quant import quantize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +81,7 @@ def test_the_environment_switch_turns_it_off(kernel, monkeypatch):
     q = quantize(np.ones((64, 40), np.float32))
     w = quant.QuantizedWeight(jnp.asarray(q.weight), jnp.asarray(np.asarray(q.scales, np.float32)))
     assert "custom_call" not in jax.jit(quant.qmatmul).lower(x, w).as_text()
-    monkeypatch.delenv("GROK_NATIVE_KERNELS")
+    monkeypatch.setenv("GROK_NATIVE_KERNELS", "1")
     assert "custom_call" in jax.jit(lambda x, w: quant.qmatmul(x, w)).lower(x, w).as_text()
 
 
@@ -92,10 +95,9 @@ def test_whole_forward_matches_the_numpy_reference(form, monkeypatch, request):
     from grokcli.checkpoint import random_params
     from grokcli.config import ModelConfig
 
+    monkeypatch.setenv("GROK_NATIVE_KERNELS", "1" if form == "native" else "0")
     if form == "native":
         request.getfixturevalue("kernel")
-    else:
-        monkeypatch.setattr(quant, "native_kernel_in_use", lambda: False)
     cfg = ModelConfig(**TINY_CONFIG)
     params = random_params(cfg, 5)
     dev = jax.tree.map(jnp.asarray, params)
@@ -139,3 +141,96 @@ def test_any_failure_to_set_it_up_means_the_xla_loops(monkeypatch):
     monkeypatch.setitem(native._state, "usable", None)
     assert native.usable() is False
     assert "has no attribute 'ffi'" in native.status()
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing by measurement (grokcli/native/select.py)
+
+def _timings(slow_native=(), slow_xla=()):
+    """Injected calibration timings: seconds per call, the named classes 10x slower on one side."""
+    calls = []
+
+    def timings():
+        calls.append(1)
+        return {c: {"native": 0.010 if c in slow_native else 0.001,
+                    "xla": 0.010 if c in slow_xla else 0.001, "bytes": 8e6} for c in select.CLASSES}
+
+    return timings, calls
+
+
+def _uses_kernel(rows: int) -> bool:
+    q = quantize(np.ones((64, 40), np.float32))
+    w = quant.QuantizedWeight(jnp.asarray(q.weight), jnp.asarray(np.asarray(q.scales, np.float32)))
+    return "custom_call" in jax.jit(lambda x, w: quant.qmatmul(x, w)).lower(jnp.ones((rows, 64)), w).as_text()
+
+
+@pytest.fixture
+def fresh_decision(kernel, monkeypatch):
+    """No decision held by this process, none forced by the environment; restored afterwards."""
+    monkeypatch.delenv("GROK_NATIVE_KERNELS", raising=False)
+    select.reset()
+    yield native._state["library"]
+    select.reset()
+
+
+def test_a_slower_native_path_loses_its_class_in_a_real_calibration(fresh_decision, monkeypatch, tmp_path):
+    """The real measurement (compiled calls, alternated, bounded) with the kernel made slow for
+    prefill and the XLA loops made slow for decode: each class goes to the faster side."""
+    real_cases = select._cases
+
+    def slowed(fn):
+        def run():
+            time.sleep(0.02)
+            return fn()
+        return run
+
+    def cases():
+        out = real_cases()
+        return {c: (slowed(n) if c == "prefill" else n, x if c == "prefill" else slowed(x), b)
+                for c, (n, x, b) in out.items()}
+
+    monkeypatch.setattr(select, "_cases", cases)
+    library = tmp_path / "qmatmul-0123456789abcdef.so"
+    t0 = time.perf_counter()
+    d = select.decision(library)
+    assert time.perf_counter() - t0 < 30  # bounded (incl. the added sleeps; ~2 s on a quiet machine)
+    assert {c: d["classes"][c]["choice"] for c in select.CLASSES} == {
+        "decode-1": "native", "decode-8": "native", "prefill": "xla"}
+    assert d["classes"]["prefill"]["native_ms"] > 20 and d["classes"]["decode-1"]["xla_ms"] > 20
+    saved = json.loads(select.decision_path(library).read_text())
+    assert saved["classes"] == d["classes"] and not list(tmp_path.glob("*.tmp"))  # atomic write
+
+
+def test_each_class_follows_the_measurement_and_the_switch_overrides_it(fresh_decision, monkeypatch):
+    timings, _ = _timings(slow_native=("prefill",), slow_xla=("decode-1",))
+    select.calibrate(fresh_decision, timings)
+    select.reset()
+    assert _uses_kernel(1) and _uses_kernel(16) and not _uses_kernel(64)  # prefill: XLA loops won
+    r = quant.cpu_matmul_report()
+    assert r["kernel"] == "on" and r["forced"] is None
+    assert r["classes"]["prefill"]["choice"] == "xla" and r["classes"]["decode-1"]["native_gb_s"] == 8.0
+    assert "prefill xla" in quant.cpu_matmul_status() and "decode-1 native" in quant.cpu_matmul_status()
+    monkeypatch.setenv("GROK_NATIVE_KERNELS", "1")  # forced: the kernel even where it lost
+    assert _uses_kernel(64) and quant.cpu_matmul_report()["forced"] == "native"
+    monkeypatch.setenv("GROK_NATIVE_KERNELS", "0")  # forced: the XLA loops even where it won
+    assert not _uses_kernel(1) and quant.cpu_matmul_report()["kernel"] == "off"
+
+
+def test_the_decision_is_cached_per_kernel_build(fresh_decision, monkeypatch, tmp_path):
+    first, calls = _timings(slow_native=("decode-8",))
+    library = tmp_path / "qmatmul-aaaaaaaaaaaaaaaa.so"
+    assert select.decision(library, first)["classes"]["decode-8"]["choice"] == "xla" and len(calls) == 1
+    select.reset()  # a new process: read from the file, not measured again
+    assert select.decision(library, first)["classes"]["decode-8"]["choice"] == "xla" and len(calls) == 1
+    # Another build (new source, compiler, flags, jaxlib or CPU: another library name) measures again.
+    monkeypatch.setattr(native, "compile_flags", lambda real=native.compile_flags: [*real(), "-DREBUILT"])
+    other = native.library_path(native.compiler(), native.compile_flags())
+    assert other != fresh_decision and select.decision_path(other) != select.decision_path(fresh_decision)
+    second, calls2 = _timings()
+    assert select.decision(tmp_path / other.name, second)["classes"]["decode-8"]["choice"] == "native"
+    assert len(calls2) == 1
+    # A damaged or stale file is measured again, never trusted.
+    select.reset()
+    select.decision_path(library).write_text('{"version": 1, "library": "qmatmul-aaaaaaaaaaaaaaaa.so"')
+    third, calls3 = _timings()
+    assert select.decision(library, third)["classes"]["decode-8"]["choice"] == "native" and len(calls3) == 1

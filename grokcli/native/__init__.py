@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 
 from .. import paths
+from . import select
 from ..errors import NativeBuildError
 
 TARGET = "grokcli_qmatmul"
@@ -36,7 +37,7 @@ _state: dict = {"usable": None, "reason": "", "library": None}  # reason: why a 
 
 def disabled_by_env() -> bool:
     """True when GROK_NATIVE_KERNELS is 0 / false / no / off."""
-    return os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "false", "no", "off")
+    return select.forced() == "xla"
 
 
 def compiler() -> list[str] | None:
@@ -165,15 +166,53 @@ def usable() -> bool:
         return _state["usable"]
 
 
-def status() -> str:
-    """One line: whether the native int8 matmul is in use, and why not."""
-    if disabled_by_env():
-        return f"native int8 matmul: off ({ENV_SWITCH}={os.environ[ENV_SWITCH]}); using XLA loops"
+def chosen_for(rows: int) -> bool:
+    """Whether a matmul call of `rows` rows uses the kernel: usable, and faster than the XLA
+    loops for its shape class as measured on this machine (select.py), unless GROK_NATIVE_KERNELS
+    forces a side."""
+    if not usable():
+        return False
+    if select.forced() == "native":
+        return True
+    d = select.decision(_state["library"])
+    return d["classes"][select.shape_class(rows)]["choice"] == "native"
+
+
+def report() -> dict:
+    """What runs and why, as data: kernel on/off (library or reason), forced or measured, and per
+    shape class the choice with the measured times (ms per call) and rates (GB/s of int8)."""
+    forced = select.forced()
+    out: dict = {"kernel": None, "library": None, "reason": None, "forced": forced, "classes": None}
+    if forced == "xla":
+        out.update(kernel="off", reason=f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}")
+        return out
     if _state["usable"] is None:
-        return "native int8 matmul: not tried yet (built on first use on a CPU)"
-    if _state["usable"]:
-        return f"native int8 matmul: on ({_state['library']})"
-    return f"native int8 matmul: off ({_state['reason']}); using XLA loops"
+        out.update(kernel="not tried", reason="built on first use on a CPU")
+        return out
+    if not _state["usable"]:
+        out.update(kernel="off", reason=_state["reason"])
+        return out
+    out.update(kernel="on", library=str(_state["library"]))
+    if forced is None:
+        d = select.decision(_state["library"])
+        out["classes"] = d["classes"]
+        out["calibration_s"] = d.get("calibration_s")
+    return out
+
+
+def status() -> str:
+    """One line: which int8 matmul runs for each shape class, and why."""
+    r = report()
+    if r["kernel"] != "on":
+        return f"native int8 matmul: {r['kernel']} ({r['reason']}); using XLA loops"
+    if r["forced"] == "native":
+        return f"native int8 matmul: on for every shape ({ENV_SWITCH}={os.environ[ENV_SWITCH]}; {r['library']})"
+    parts = []
+    for name, c in r["classes"].items():
+        rate = (f"{c['native_gb_s']:.1f} vs {c['xla_gb_s']:.1f} GB/s" if "native_gb_s" in c
+                else f"{c['native_ms']:.2f} vs {c['xla_ms']:.2f} ms")
+        parts.append(f"{name} {c['choice']} ({rate})")
+    return "native int8 matmul: chosen by measurement (native vs XLA loops): " + ", ".join(parts)
 
 
 def qmatmul_rows(x, weight, scales, experts):
