@@ -38,14 +38,44 @@ def _oracle(x, q, experts):
     return np.einsum("nk,nkm->nm", x.astype(np.float64), full[experts])
 
 
-@pytest.mark.parametrize("experts_n_k_m_blocks", [
-    (8, 2, 64, 1100, 1),    # decode: two rows, columns over three 512-wide tasks with a ragged end
+@pytest.fixture(scope="module")
+def avx2_kernel(kernel):
+    """On x86: the kernel built without AVX-512 (the AVX2+FMA code, what AMD EPYC machines run),
+    registered under its own target; the CPU here must have AVX2 to run it."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or "avx2" not in native._cpu_flags():
+        pytest.skip("the AVX2 variant needs an x86 CPU with AVX2")
+    flags = [f for f in native.compile_flags() if not f.startswith("-mprefer-vector-width")] + ["-mno-avx512f"]
+    native.register(native.build(flags), "grokcli_qmatmul_avx2")
+    return lambda *args: native.qmatmul_rows(*args, target="grokcli_qmatmul_avx2")
+
+
+ORACLE_SHAPES = [
+    (8, 2, 64, 1100, 1),    # decode: two rows, columns over two 1024-wide tasks with a ragged end
     (8, 45, 96, 40, 8),     # rows of one expert over several 16-row tiles; 12-row scale blocks
     (3, 19, 40, 70, 4),     # depth 10 per block (not a multiple of 16), width not a multiple of 32
     (1, 5, 33, 7, 1),       # a dense matrix: one "expert", odd sizes everywhere
     (4, 0, 16, 32, 1),      # no rows at all
-])
+    (4, 3, 24, 1037, 8),    # decode-sized tiles (1-2 rows) on 3-row block depth, ragged strip
+    (2, 1, 40, 13, 1),      # one row narrower than one strip
+    (6, 9, 32, 600, 2),     # experts with 1, 2 and 3 rows in one call: both paths side by side
+    (2, 1, 600, 40, 8),     # too few column strips: K sliced in two, cutting a 75-row scale block
+    (3, 2, 1024, 70, 8),    # two rows, K in several slices, ragged strip
+]
+
+
+@pytest.mark.parametrize("experts_n_k_m_blocks", ORACLE_SHAPES)
+def test_the_avx2_build_matches_the_float64_oracle(avx2_kernel, experts_n_k_m_blocks):
+    _check_against_oracle(avx2_kernel, experts_n_k_m_blocks)
+
+
+@pytest.mark.parametrize("experts_n_k_m_blocks", ORACLE_SHAPES)
 def test_kernel_matches_the_float64_oracle(kernel, experts_n_k_m_blocks):
+    _check_against_oracle(kernel, experts_n_k_m_blocks)
+
+
+def _check_against_oracle(kernel, experts_n_k_m_blocks):
     e, n, k, m, blocks = experts_n_k_m_blocks
     rng = np.random.default_rng(n + k + m)
     q = quantize(rng.standard_normal((e, k, m)).astype(np.float32), blocks)

@@ -57,12 +57,23 @@ def compile_flags() -> list[str]:
     if machine in ("x86_64", "amd64"):
         # Full-width vectors where the CPU has them: the conversion loop is ~1.4x faster with
         # 512-bit than with GCC's default 256-bit preference on AVX-512 machines.
-        arch = ["-march=native", "-mprefer-vector-width=512"]
+        arch = ["-march=native"] + (["-mprefer-vector-width=512"] if "avx512f" in _cpu_flags() else [])
     elif machine in ("arm64", "aarch64"):
         arch = ["-mcpu=native"]
     else:
         arch = ["-march=native"]
     return ["-O3", "-std=c++17", "-shared", "-fPIC", "-w", *arch]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _cpu_identity() -> str:
@@ -94,14 +105,17 @@ def library_path(cxx: list[str], flags: list[str]) -> Path:
     return paths.cache_dir() / "native" / f"qmatmul-{h.hexdigest()[:16]}{suffix}"
 
 
-def build() -> Path:
-    """Compile the kernel into the cache (once; later calls find it there) and return its path."""
+def build(flags: list[str] | None = None) -> Path:
+    """Compile the kernel into the cache (once; later calls find it there) and return its path.
+
+    `flags` replaces `compile_flags()` (tests and benchmarks build e.g. an AVX2-only variant).
+    """
     import jax
 
     cxx = compiler()
     if cxx is None:
         raise NativeBuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
-    flags = compile_flags()
+    flags = compile_flags() if flags is None else flags
     target = library_path(cxx, flags)
     if target.is_file():
         return target
@@ -129,18 +143,23 @@ def build() -> Path:
     return target
 
 
-def _load() -> None:
+def register(library: Path, target: str = TARGET) -> None:
+    """Load a kernel build and register it with XLA as the FFI target `target`."""
     import ctypes
 
     import jax
 
-    library = build()
     try:
         lib = ctypes.CDLL(str(library))
         handler = lib.GrokcliQMatmul
     except (OSError, AttributeError) as e:
         raise NativeBuildError(f"cannot load {library}: {e}") from None
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+
+
+def _load() -> None:
+    library = build()
+    register(library)
     _state["library"] = library
 
 
@@ -215,7 +234,7 @@ def status() -> str:
     return "native int8 matmul: chosen by measurement (native vs XLA loops): " + ", ".join(parts)
 
 
-def qmatmul_rows(x, weight, scales, experts):
+def qmatmul_rows(x, weight, scales, experts, target: str = TARGET):
     """y[n] = x[n] @ (weight[experts[n]] * scales[experts[n]]) through the kernel (inside jit).
 
     x f32 [N, K]; weight int8 [E, K, M]; scales f32 [E, B, M] (row b applies to input rows
@@ -225,4 +244,4 @@ def qmatmul_rows(x, weight, scales, experts):
     import jax.numpy as jnp
 
     out = jax.ShapeDtypeStruct((x.shape[0], weight.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x, weight, scales, experts)
+    return jax.ffi.ffi_call(target, out)(x, weight, scales, experts)
