@@ -113,21 +113,52 @@ def random_model_on_device(cfg):
     dtype = compute_dtype_for_backend()
     key = jax.random.PRNGKey(0)
     leaves = {}
+    int8_bits = jax.jit(lambda k, shape: jax.lax.bitcast_convert_type(jax.random.bits(k, shape, jnp.uint8), jnp.int8),
+                        static_argnums=1)
+    normal = jax.jit(lambda k, shape: jax.random.normal(k, shape, jnp.float32), static_argnums=1)
+    on_cpu = jax.default_backend() == "cpu"
+    rng = np.random.default_rng(0)
     for i, spec in enumerate(param_specs(cfg)):
         k = jax.random.fold_in(key, i)
         if spec.quantized:
-            w = jax.random.randint(k, spec.shape, -127, 128, dtype=jnp.int8)
-            s = jnp.full(spec.scales_shape, 1.0 / (127 * np.sqrt(spec.shape[-2])), jnp.float32)
+            # Leaf by leaf, in int8: jax.random.randint's 32-bit intermediates for a whole Grok-1
+            # expert leaf took ~32 GB on a CPU. There numpy draws int8 directly (1x the leaf; jax's
+            # threefry ran at ~7 MB/s there); on an accelerator, int8 bits in pieces of <= 256 MiB.
+            w = (jnp.asarray(rng.integers(-127, 128, size=spec.shape, dtype=np.int8)) if on_cpu
+                 else _in_pieces(int8_bits, k, spec.shape, jnp.int8))
+            s = jnp.full(spec.scales_shape, np.sqrt(3) / (127 * np.sqrt(spec.shape[-2])), jnp.float32)
             leaves[(spec.name, spec.layer)] = QuantizedWeight(w, s)
         elif spec.name == "embed":
-            leaves[(spec.name, spec.layer)] = (jax.random.normal(k, spec.shape, jnp.float32)
-                                               * (3 / np.sqrt(cfg.emb_size))).astype(dtype)
+            e = (jnp.asarray(rng.standard_normal(spec.shape, dtype=np.float32)) if on_cpu
+                 else _in_pieces(normal, k, spec.shape, jnp.float32))
+            leaves[(spec.name, spec.layer)] = (e * np.float32(3 / np.sqrt(cfg.emb_size))).astype(dtype)
         elif spec.name == "router":
             leaves[(spec.name, spec.layer)] = jax.random.normal(k, spec.shape, jnp.float32) / np.sqrt(cfg.emb_size)
         else:
             leaves[(spec.name, spec.layer)] = jnp.ones(spec.shape, jnp.float32)
     jax.block_until_ready(leaves)
     return Model(config=cfg, params=assemble(cfg, leaves), dtype=dtype)
+
+
+def _in_pieces(draw, key, shape, dtype, piece_bytes: int = 256 << 20):
+    """draw(key, shape) for a large shape, piece by piece along the leading axes, into one buffer."""
+    import jax
+    import jax.numpy as jnp
+
+    itemsize = np.dtype(dtype).itemsize
+    rows = shape[0]
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+    step = max(1, min(rows, piece_bytes // max(1, row_bytes)))
+    if step >= rows:
+        return draw(key, tuple(shape))
+    out = jnp.zeros(shape, dtype)
+    put = jax.jit(lambda out, piece, start: jax.lax.dynamic_update_slice_in_dim(out, piece, start, 0),
+                  donate_argnums=0)
+    for n, start in enumerate(range(0, rows, step)):
+        piece = draw(jax.random.fold_in(key, n), (min(step, rows - start),) + tuple(shape[1:]))
+        out = put(out, piece, start)
+        del piece
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
