@@ -68,6 +68,8 @@ def parse_args(argv=None):
                    help="on a CPU, do not also measure grokcli with its native kernel switched off")
     r.add_argument("--random-on-device", action="store_true",
                    help="random int8 weights drawn on the device (no checkpoint written or loaded)")
+    r.add_argument("--no-avx512", action="store_true",
+                   help="x86: build the native kernel with -mno-avx512f (its AVX2 code, as on AMD EPYC) and measure that")
     r.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "grokcli-bench",
                    help="where the benchmark checkpoint is written once and reused")
     r.add_argument("--bandwidth-mb", type=int, default=256, help="size of the array summed to measure bandwidth")
@@ -83,6 +85,15 @@ def make_config(a):
                        num_layers=a.layers, widening_factor=a.widening,
                        attn_output_multiplier=a.key_size ** -0.5, num_experts=a.experts,
                        num_selected_experts=a.selected)
+
+
+def use_avx2_build() -> None:
+    """Make this process build and use the native kernel without AVX-512 (its own cache entry and
+    its own measured choice), to measure the AVX2 code on an AVX-512 machine."""
+    from grokcli import native
+
+    real = native.compile_flags
+    native.compile_flags = lambda: [f for f in real() if not f.startswith("-mprefer-vector-width")] + ["-mno-avx512f"]
 
 
 def checkpoint_for(cfg, workdir: Path) -> Path:
@@ -391,6 +402,8 @@ def main(argv=None) -> None:
     from grokcli import quant
 
     cfg = make_config(a)
+    if a.no_avx512:
+        use_avx2_build()
     batches = [int(x) for x in a.batch.split(",")]
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -410,7 +423,9 @@ def main(argv=None) -> None:
     xla_loops = (dataclasses.replace(model, compiled={})
                  if jax.default_backend() == "cpu" and quant.native_kernel_in_use() and not a.skip_xla_loops else None)
     if jax.default_backend() == "cpu":
-        print(f"cpu matmul: {quant.cpu_matmul_status()}")
+        from grokcli import native
+
+        print(f"cpu matmul: {quant.cpu_matmul_status()}; build flags: {' '.join(native.compile_flags())}")
 
     bw = measure_bandwidth(a.bandwidth_mb)
     print("memory read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))

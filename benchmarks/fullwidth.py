@@ -55,6 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--delete", action="store_true", help="delete the checkpoint at the end")
+    ap.add_argument("--no-avx512", action="store_true", help="x86: measure the native kernel built with -mno-avx512f")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "grokcli-bench")
     return ap.parse_args(argv)
 
@@ -106,7 +107,7 @@ def write_fullwidth(cfg, out: Path) -> Path:
     t0 = time.perf_counter()
     for i, spec in enumerate(specs):
         leaf = random_leaf(spec, rng)
-        atomic_write(out / TENSOR_FOLDER / tensor_name(i), lambda f: dump_leaf(leaf, f))
+        atomic_write(out / TENSOR_FOLDER / tensor_name(i), lambda f, leaf=leaf: dump_leaf(leaf, f))
         del leaf
     atomic_write_text(out / CONFIG_NAME, json.dumps(cfg.to_json(), indent=1) + "\n")
     (out / "complete").write_text("ok\n")
@@ -174,10 +175,9 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     import jax
 
-    import grokcli
-    from grokcli import quant
-
     cfg = config(a.layers)
+    if a.no_avx512:
+        bench_decode.use_avx2_build()
     out = a.workdir / f"fullwidth-{a.layers}l"
     print(f"backend {jax.default_backend()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"config: Grok-1 width (emb {cfg.emb_size}, heads {cfg.num_q_heads}/{cfg.num_kv_heads} of "
@@ -204,11 +204,11 @@ def decode(a, path: Path) -> None:
     import jax
 
     import grokcli
-    from grokcli import quant
+    from grokcli import native, quant
 
     model, _ = grokcli.load(path)
     cfg = model.config
-    print(f"cpu matmul: {quant.cpu_matmul_status()}")
+    print(f"cpu matmul: {quant.cpu_matmul_status()}\n  build flags: {' '.join(native.compile_flags())}")
     variants = {"chosen": (None, model)}
     if jax.default_backend() == "cpu":
         variants["native"] = ("1", dataclasses.replace(model, compiled={}))
