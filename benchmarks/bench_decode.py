@@ -444,7 +444,7 @@ def main(argv=None) -> None:
         for name in variants:
             warm = variants[name]()  # warm-up: compiles
         # The baseline attends over the same preallocated context as grokcli's decode step.
-        context = max(key[3] for key in model.compiled if key[0] == "decode" and key[1] == batch)
+        context = max(key[-1] for key in model.compiled if key[0] == "decode" and key[1] == batch)
         if not a.skip_baseline:
             base = Baseline(model, batch, a.prompt_len, context)
             tokens = np.array(prompts, np.int32)

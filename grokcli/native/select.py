@@ -184,12 +184,24 @@ def calibrate(library: Path, timings: Callable[[], dict] | None = None) -> dict:
             entry.update(native_gb_s=m["bytes"] / m["native"] / 1e9, xla_gb_s=m["bytes"] / m["xla"] / 1e9)
         classes[cls] = entry
     decision = {"version": _VERSION, "library": library.name, "classes": classes,
-                "calibration_s": round(time.perf_counter() - t0, 3)}
+                "calibration_s": round(time.perf_counter() - t0, 3), "load_average": _load_average(),
+                "cpus": os.cpu_count() or 1}
     try:
         atomic_write_text(decision_path(library), json.dumps(decision, indent=1) + "\n")
     except OSError:
         pass  # a read-only cache: the decision holds for this process and is measured again next time
     return decision
+
+
+def _load_average() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return 0.0
+
+
+def _busy(load: float) -> bool:
+    return load > (os.cpu_count() or 1)
 
 
 def _read(library: Path) -> dict | None:
@@ -201,7 +213,13 @@ def _read(library: Path) -> dict | None:
           and isinstance(d.get("classes"), dict)
           and all(isinstance(d["classes"].get(c), dict) and d["classes"][c].get("choice") in ("native", "xla")
                   for c in CLASSES))
-    return d if ok else None
+    if not ok:
+        return None
+    # Measured on a busy machine (more runnable threads than CPUs): kept, but measured again by a
+    # later process that finds the machine quieter, so one noisy minute does not decide for good.
+    if _busy(float(d.get("load_average") or 0)) and not _busy(_load_average()):
+        return None
+    return d
 
 
 def decision(library: Path, timings: Callable[[], dict] | None = None) -> dict:
