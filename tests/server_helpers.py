@@ -16,7 +16,7 @@ import httpx
 
 from conftest import grok_command
 
-STARTUP_TIMEOUT = 240.0
+STARTUP_TIMEOUT = 600.0  # a cold compile of every step on a machine shared by many jobs
 EXIT_TIMEOUT = 60.0
 API_KEY = "test-key-123"
 # The one engine shape every test module uses, so later modules load it from the compile cache.
@@ -34,6 +34,7 @@ class ServerProcess:
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.stdout: list[str] = []
+        self.loading_answers: list[tuple[int, dict]] = []  # /health answers before the model was ready
 
     def start(self) -> "ServerProcess":
         self.proc = subprocess.Popen(self.args, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -58,8 +59,10 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n" + "".join(self.log[-30:]))
             try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                health = httpx.get(self.url + "/health", timeout=5)
+                if health.status_code == 200:
                     return self
+                self.loading_answers.append((health.status_code, health.json()))
             except httpx.TransportError:
                 pass
             time.sleep(0.25)

@@ -207,6 +207,8 @@ def test_models_health_and_metrics(client, server):
     models = client.models.list()
     assert [m.id for m in models.data] == ["demo"]
     assert client.models.retrieve("demo").id == "demo"
+    # While it loaded and compiled, /health said so with a 503.
+    assert server.loading_answers and all(a == (503, {"status": "loading"}) for a in server.loading_answers)
     health = httpx.get(server.url + "/health", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"
     text = httpx.get(server.url + "/metrics", timeout=10).text
