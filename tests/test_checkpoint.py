@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from grokcli.checkpoint import (check_checkpoint_shapes, dumps_leaf, expected_file_size,
-                                iter_leaves, load_leaf, random_params, read_checkpoint, read_leaf,
-                                write_checkpoint)
+                                iter_leaves, load_leaf, random_params, read_checkpoint, read_header,
+                                read_leaf, write_checkpoint)
 from grokcli.config import GROK_1, ModelConfig, load_config
 from grokcli.errors import CheckpointError, ConfigError
 from grokcli.params import LAYER_PARAMS, get_leaf, param_specs
@@ -174,39 +174,14 @@ class _Reduce:
         return self.func, self.args
 
 
-def _refused(data: bytes, fragment: str):
+def _refused(data: bytes, fragment: str) -> str:
     with pytest.raises(CheckpointError) as e:
         load_leaf(data, "tensor00005_000")
-    assert str(e.value).startswith("tensor00005_000: ")
-    assert fragment in str(e.value)
-
-
-@pytest.mark.parametrize("protocol", [0, 2, 4])
-def test_refuses_os_system_and_runs_nothing(tmp_path, protocol):
-    marker = tmp_path / "pwned"
-    data = pickle.dumps(_Reduce(os.system, f"touch {marker}"), protocol=protocol)
-    _refused(data, f"refused pickle global {os.system.__module__}.system")
-    # Nested inside a legitimate-looking QuantizedWeight8bit state.
-    nested = dumps_leaf(quantize(np.ones((8, 4), np.float32)))
-    assert b"weight" in nested
-    evil = pickle.dumps({"weight": _Reduce(os.system, f"touch {marker}"), "scales": 1}, protocol=4)
-    _refused(evil, "refused pickle global")
-    assert not marker.exists()
-
-
-@pytest.mark.parametrize("func, args, name", [
-    (eval, ("1+1",), "builtins.eval"),
-    (subprocess.Popen, (["true"],), "subprocess.Popen"),
-    (np.load, ("x.npy",), "numpy.load"),
-    (getattr, (np.ndarray, "dump"), "builtins.getattr"),
-])
-def test_refuses_other_globals(func, args, name):
-    _refused(pickle.dumps(_Reduce(func, *args), protocol=4), f"refused pickle global {name}")
-
-
-def test_refuses_numpy2_protocol5_frombuffer():
-    data = pickle.dumps(np.arange(3, dtype=np.float32), protocol=5)
-    _refused(data, "refused pickle global numpy._core.numeric._frombuffer")
+    msg = str(e.value)
+    assert msg.startswith("tensor00005_000: ")
+    assert "\n" not in msg and len(msg) < 300
+    assert fragment in msg
+    return msg
 
 
 def _op_str(s: str) -> bytes:
@@ -218,48 +193,306 @@ def _global(module: str, name: str) -> bytes:
     return _op_str(module) + _op_str(name) + pickle.STACK_GLOBAL
 
 
+def _unframed(data: bytes) -> bytes:
+    """The same pickle without its FRAME opcodes (frames are optional), so tests can splice it."""
+    out, last = bytearray(), 0
+    for op, _, pos in pickletools.genops(data):
+        if op.name == "FRAME":
+            out += data[last:pos]
+            last = pos + 9
+    return bytes(out + data[last:])
+
+
+PROTO4 = b"\x80\x04"
+# An unframed float32 [4] file and where its shape tuple (BININT1 4, TUPLE1, MEMOIZE) sits.
+NORM = _unframed(dumps_leaf(np.arange(4, dtype=np.float32)))
+SHAPE = b"K\x04\x85\x94"
+SHAPE_AT = NORM.index(b"(K\x01" + SHAPE) + 3
+PAYLOAD_AT = NORM.index(b"C\x10")  # SHORT_BINBYTES 16
+MEMOIZE, BINGET = pickle.MEMOIZE, pickle.BINGET
+
+
+def _with_shape(shape_bytes: bytes) -> bytes:
+    """NORM with its shape tuple replaced by `shape_bytes` (the rest of the file kept)."""
+    return NORM[:SHAPE_AT] + shape_bytes + NORM[SHAPE_AT + len(SHAPE):]
+
+
+def test_variants_the_release_grammar_allows():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4, 5), dtype=np.float32)
+    cases = [
+        dumps_leaf(x),  # 4 dimensions: MARK ... TUPLE
+        dumps_leaf(np.float32(2.5).reshape(())),  # 0 dimensions: EMPTY_TUPLE
+        _unframed(dumps_leaf(x)),  # no frames
+        pickle.dumps(np.asfortranarray(x), protocol=4),  # column-major data
+        pickle.dumps(np.array([98], np.int8), protocol=4),  # payload b"b": a memo reference
+        pickle.dumps(np.zeros((2**31, 0), np.float32), protocol=4),  # a LONG1 dimension
+        # QuantizedWeight8bit whose scales share the weight's dtype (a memo reference to it).
+        dumps_leaf(QuantizedWeight(np.arange(12, dtype=np.int8).reshape(3, 4),
+                                   np.ones((1, 4), np.int8))),
+    ]
+    for data in cases:
+        want = pickle.loads(data) if b"QuantizedWeight8bit" not in data else None
+        got = load_leaf(data, "x")
+        if want is not None:
+            np.testing.assert_array_equal(got, want)
+            assert got.dtype == want.dtype and got.shape == want.shape
+        else:
+            assert got.weight.dtype == got.scales.dtype == np.int8
+            assert got.weight.tobytes() == np.arange(12, dtype=np.int8).tobytes()
+    # Wider encodings of the same values: LONG_BINGET, BINUNICODE, BINBYTES8.
+    qw = _unframed(dumps_leaf(quantize(rng.standard_normal((64, 8), dtype=np.float32), 1)))
+    want = load_leaf(qw, "x")
+    ops = [(op.name, pos) for op, _, pos in pickletools.genops(qw)]
+    get = next(pos for name, pos in ops if name == "BINGET")
+    s = next(pos for name, pos in ops if name == "SHORT_BINUNICODE")
+    b = next(pos for name, pos in ops if name == "BINBYTES")
+    n = qw[s + 1]
+    for data in (qw[:get] + b"j" + qw[get + 1:get + 2] + bytes(3) + qw[get + 2:],
+                 qw[:s] + b"X" + n.to_bytes(4, "little") + qw[s + 2:],
+                 qw[:b] + b"\x8e" + qw[b + 1:b + 5] + bytes(4) + qw[b + 5:]):
+        assert_leaves_equal(load_leaf(data, "x"), want)
+
+
+@pytest.mark.parametrize("protocol, fragment", [
+    (0, "refused pickle opcode GLOBAL at byte 0: expected PROTO 4"),
+    (2, "a protocol-2 pickle at byte 0"),
+    (4, f"refused pickle global {os.system.__module__}.system at byte 11"),
+])
+def test_refuses_os_system_and_runs_nothing(tmp_path, protocol, fragment):
+    marker = tmp_path / "pwned"
+    data = pickle.dumps(_Reduce(os.system, f"touch {marker}"), protocol=protocol)
+    _refused(data, fragment)
+    # Deep inside a legitimate QuantizedWeight8bit header, in place of the weight array.
+    evil = (PROTO4 + _global("__main__", "QuantizedWeight8bit") + pickle.EMPTY_TUPLE + pickle.NEWOBJ
+            + pickle.EMPTY_DICT + pickle.MARK + _op_str("weight"))
+    at = len(evil)
+    evil += pickle.dumps(_Reduce(os.system, f"touch {marker}"), protocol=4)[11:]
+    _refused(evil, f"refused pickle global {os.system.__module__}.system at byte {at}")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("func, args, name", [
+    (eval, ("1+1",), "builtins.eval"),
+    (subprocess.Popen, (["true"],), "subprocess.Popen"),
+    (np.load, ("x.npy",), "numpy.load"),
+    (getattr, (np.ndarray, "dump"), "builtins.getattr"),
+])
+def test_refuses_other_globals(func, args, name):
+    _refused(pickle.dumps(_Reduce(func, *args), protocol=4), f"refused pickle global {name} at byte 11")
+
+
+def test_refuses_numpy2_protocol5_pickles():
+    _refused(pickle.dumps(np.arange(3, dtype=np.float32), protocol=5), "a protocol-5 pickle at byte 0")
+    # The same opcodes under a PROTO 4 header still name a global the format never uses.
+    data = PROTO4 + pickle.dumps(np.arange(3, dtype=np.float32), protocol=5)[2:]
+    _refused(data, "refused pickle global numpy._core.numeric._frombuffer at byte 11")
+
+
+def _norm_with(old: bytes, new: bytes) -> bytes:
+    assert NORM.count(old) == 1
+    return NORM.replace(old, new)
+
+
 @pytest.mark.parametrize("data, fragment", [
-    # An allowed callable with malicious arguments: object dtype, an unknown dtype string.
-    (pickle.dumps(_Reduce(np.dtype, "O", False, True), protocol=4), "unsupported dtype 'O'"),
-    (pickle.dumps(_Reduce(np.dtype, "os.system", False, True), protocol=4), "unsupported dtype"),
+    # Allowed globals with malicious arguments: object dtype, an unknown dtype string.
+    (_norm_with(_op_str("f4"), _op_str("O8")), "unsupported dtype 'O8' at byte"),
+    (_norm_with(_op_str("f4"), _op_str("os.system")), "unsupported dtype 'os.system'"),
+    (pickle.dumps(np.array([1, "x"], dtype=object), protocol=4), "unsupported dtype 'O8' at byte 104"),
+    (pickle.dumps(np.ones(2, ">f4"), protocol=4), "unsupported byte order > for float32"),
+    (pickle.dumps(np.zeros(2, [("a", "f4")]), protocol=4), "unsupported dtype 'V4'"),
     # _reconstruct with anything but (ndarray, (0,), b'b').
     (pickle.dumps(_Reduce(np._core.multiarray._reconstruct, np.dtype, (0,), b"b"), protocol=4),
-     "unexpected arguments to numpy _reconstruct"),
-    # A whole object-dtype array (numpy pickles its items as a list).
-    (pickle.dumps(np.array([1, "x"], dtype=object), protocol=4), "unsupported dtype 'O"),
-    # Calling a global that is only a type marker.
-    (b"\x80\x04" + _global("numpy", "ndarray") + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.STOP,
-     "calling ndarray"),
-    (b"\x80\x04" + _global("ml_dtypes", "bfloat16") + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.STOP,
-     "calling bfloat16"),
-    # BUILD on a global (would set attributes on it in a plain unpickler).
-    (b"\x80\x04" + _global("numpy", "dtype") + pickle.EMPTY_DICT + _op_str("__call__") + pickle.NONE
-     + pickle.SETITEM + pickle.BUILD + pickle.STOP, "BUILD on dtype"),
-    # QuantizedWeight8bit with an extra state key, or with arguments.
-    (b"\x80\x04" + _global("__main__", "QuantizedWeight8bit") + pickle.EMPTY_TUPLE + pickle.NEWOBJ
+     "unexpected numpy.dtype at byte 53: expected numpy.ndarray"),
+    (_norm_with(b"K\x00\x85", b"K\x01\x85"), "unexpected arguments to numpy _reconstruct"),
+    # An allowed global that is only a type marker, called or built on.
+    (PROTO4 + _global("numpy", "ndarray") + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.STOP,
+     "the pickle starts with numpy.ndarray at byte 2"),
+    (PROTO4 + _global("ml_dtypes", "bfloat16") + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.STOP,
+     "the pickle starts with ml_dtypes.bfloat16 at byte 2"),
+    (PROTO4 + _global("numpy", "dtype") + pickle.EMPTY_DICT + _op_str("__call__") + pickle.NONE
+     + pickle.SETITEM + pickle.BUILD + pickle.STOP, "the pickle starts with numpy.dtype at byte 2"),
+    # QuantizedWeight8bit with one state key, an extra one, or with arguments.
+    (PROTO4 + _global("__main__", "QuantizedWeight8bit") + pickle.EMPTY_TUPLE + pickle.NEWOBJ
      + pickle.EMPTY_DICT + _op_str("weight") + pickle.NONE + pickle.SETITEM + pickle.BUILD
-     + pickle.STOP, "unexpected QuantizedWeight8bit state"),
-    (b"\x80\x04" + _global("__main__", "QuantizedWeight8bit") + _op_str("rm -rf") + pickle.TUPLE1
-     + pickle.REDUCE + pickle.STOP, "corrupt"),
-    # BUILD on a skipped payload (would move where its bytes are read from).
-    (b"\x80\x04" + pickle.BINBYTES + (5000).to_bytes(4, "little") + bytes(5000) + pickle.EMPTY_DICT
-     + _op_str("offset") + pickle.NONE + pickle.SETITEM + pickle.BUILD + pickle.STOP,
-     "BUILD on a byte payload"),
-    # A length far beyond the file allocates nothing.
-    (b"\x80\x04" + pickle.BINUNICODE8 + (2**60).to_bytes(8, "little") + b"abc", "truncated"),
-    # Persistent ids and extension codes never reach any loader.
-    (b"\x80\x04" + _op_str("x") + pickle.BINPERSID + pickle.STOP, "persistent id"),
-    (b"\x80\x04" + pickle.EXT1 + b"\x01" + pickle.STOP, "extension code"),
-    # Not an array at all.
-    (pickle.dumps({"a": 1}, protocol=4), "not an array or a QuantizedWeight8bit"),
+     + pickle.STOP, "refused pickle opcode SHORT_BINUNICODE at byte 37: expected MARK"),
+    (PROTO4 + _global("__main__", "QuantizedWeight8bit") + pickle.EMPTY_TUPLE + pickle.NEWOBJ
+     + pickle.EMPTY_DICT + pickle.MARK + _op_str("bias"), "unexpected QuantizedWeight8bit state key bias"),
+    (PROTO4 + _global("__main__", "QuantizedWeight8bit") + _op_str("rm -rf") + pickle.TUPLE1
+     + pickle.REDUCE + pickle.STOP, "refused pickle opcode SHORT_BINUNICODE at byte 34: expected EMPTY_TUPLE"),
+    # BUILD on a payload, persistent ids, extension codes, anything but a leaf.
+    (PROTO4 + pickle.BINBYTES + (5000).to_bytes(4, "little") + bytes(5000) + pickle.EMPTY_DICT
+     + pickle.BUILD + pickle.STOP, "refused pickle opcode BINBYTES at byte 2"),
+    (PROTO4 + _op_str("x") + pickle.BINPERSID + pickle.STOP, "refused pickle opcode BINPERSID at byte 5"),
+    (PROTO4 + pickle.EXT1 + b"\x01" + pickle.STOP, "refused pickle opcode EXT1 at byte 2"),
+    (pickle.dumps({"a": 1}, protocol=4), "refused pickle opcode EMPTY_DICT at byte 11"),
+    (b"", "truncated: the file ends at byte 0, before an opcode"),
+    (b"\xff" * 10, "byte 0xff (not a pickle opcode) at byte 0"),
+    # Lengths far beyond the file allocate nothing and read nothing.
+    (PROTO4 + pickle.BINUNICODE8 + (2**60).to_bytes(8, "little") + b"abc",
+     "refused pickle opcode BINUNICODE8 at byte 2"),
+    (PROTO4 + pickle.BINUNICODE + (2**31).to_bytes(4, "little") + b"abc",
+     "a 2147483648-byte string at byte 2"),
+    (PROTO4 + b"\x95" + (2**62).to_bytes(8, "little") + b"abc", "a pickle frame of 4611686018427387904 bytes"),
+    (PROTO4 + b"\x95" + (1000).to_bytes(8, "little") + b"abc", "truncated: a 1000-byte pickle frame at byte 2"),
+    (_norm_with(b"C\x10", b"B\xff\xff\xff\xff"),
+     f"needs 16 bytes of data, the payload at byte {PAYLOAD_AT} has 4294967295"),
+    (_with_shape(b"\x8a\x04\x00\x00\x00\x40\x85").replace(b"C\x10", b"\x8e" + (2**32).to_bytes(8, "little")),
+     f"truncated: a 4294967296-byte payload at byte {PAYLOAD_AT + 3} runs past the end of the file"),
+    # Memo references to nothing, or to the wrong kind of value; a memo entry made twice.
+    (_norm_with(b"h\x03", b"h\x63"), f"memo index 99 is not defined at byte {NORM.index(BINGET)}"),
+    (_norm_with(b"h\x03", b"h\x02"), f"unexpected numpy _reconstruct at byte {NORM.index(BINGET)}: expected an array dtype"),
+    (_with_shape(b"h\x00"), f"a memo reference at byte {SHAPE_AT} is not an array shape"),
+    (NORM.replace(b"\x94", b"\x94\x94", 1), f"refused pickle opcode MEMOIZE at byte {NORM.index(MEMOIZE) + 1}"),
+    # Frames that do not frame opcodes.
+    (PROTO4 + b"\x95" + (3).to_bytes(8, "little") + _op_str("numpy"),
+     "a string crosses the end of its pickle frame at byte 14"),
+    # Trailing bytes.
+    (NORM + b"xx", "2 unexpected bytes after the end of the pickle at byte"),
 ])
 def test_refuses_malformed_streams(data, fragment):
     _refused(data, fragment)
+    # The file reader gives the same message.
+    with pytest.raises(CheckpointError) as e:
+        read_header(io.BytesIO(data), "tensor00005_000")
+    assert fragment in str(e.value)
 
 
 def test_unpickler_never_imports_modules():
-    data = b"\x80\x04" + _global("grokcli_no_such_module", "boom") + pickle.STOP
-    _refused(data, "refused pickle global grokcli_no_such_module.boom")
+    data = PROTO4 + _global("grokcli_no_such_module", "boom") + pickle.STOP
+    _refused(data, "refused pickle global grokcli_no_such_module.boom at byte 2")
+    _refused(PROTO4 + _global("os\n\x1b[31m", "system") + pickle.STOP, r"refused pickle global 'os\n\x1b[31m'.system")
+
+
+# --- the crafted files of issue #18: each one a CheckpointError, at once, in bounded memory ---
+
+_DEEP = 1_000_000
+
+
+def _shared_lists() -> bytes:
+    """879 bytes: 8 levels of a list of 40 references to the level below, over 200 bytes."""
+    out = PROTO4 + pickle.SHORT_BINBYTES + bytes([200]) + bytes(200) + pickle.MEMOIZE
+    for level in range(8):
+        out += pickle.MARK + (pickle.BINGET + bytes([level])) * 40 + pickle.LIST + pickle.MEMOIZE
+    return out + pickle.STOP
+
+
+CRAFTED = {
+    # name: (file bytes, fragment of the message)
+    "deep-tuple-dict-key": (PROTO4 + pickle.EMPTY_DICT + pickle.EMPTY_TUPLE + pickle.TUPLE1 * _DEEP
+                            + pickle.NONE + pickle.SETITEM + pickle.STOP,
+                            "refused pickle opcode EMPTY_DICT at byte 2"),
+    "shared-lists": (_shared_lists(), "refused pickle opcode SHORT_BINBYTES at byte 2"),
+    "deep-lists": (PROTO4 + pickle.EMPTY_LIST * _DEEP + pickle.APPEND * (_DEEP - 1) + pickle.STOP,
+                   "refused pickle opcode EMPTY_LIST at byte 2"),
+    "deep-tuples": (PROTO4 + pickle.EMPTY_TUPLE + pickle.TUPLE1 * _DEEP + pickle.STOP,
+                    "refused pickle opcode EMPTY_TUPLE at byte 2"),
+    "deep-marks": (PROTO4 + pickle.MARK * _DEEP + pickle.STOP, "refused pickle opcode MARK at byte 2"),
+    "huge-int": (PROTO4 + pickle.LONG4 + _DEEP.to_bytes(4, "little") + b"\xff" * _DEEP + pickle.STOP,
+                 "refused pickle opcode LONG4 at byte 2"),
+    "huge-int-text": (b"I" + b"9" * _DEEP + b"\n.", "refused pickle opcode INT at byte 0"),
+    # The same structures where a real header has its shape.
+    "shape-deep-tuple": (_with_shape(pickle.EMPTY_TUPLE + pickle.TUPLE1 * _DEEP),
+                         f"refused pickle opcode TUPLE1 at byte {SHAPE_AT + 1}"),
+    "shape-shared-lists": (_with_shape(_shared_lists()[2:]), f"refused pickle opcode SHORT_BINBYTES at byte {SHAPE_AT}"),
+    "shape-deep-marks": (_with_shape(pickle.MARK * _DEEP), f"refused pickle opcode MARK at byte {SHAPE_AT + 1}"),
+    "shape-many-dims": (_with_shape(pickle.MARK + b"K\x01" * _DEEP + pickle.TUPLE),
+                        f"more than 64 dimensions at byte {SHAPE_AT}"),
+    "shape-huge-int": (_with_shape(pickle.LONG1 + b"\xff" + b"\x7f" * 255 + pickle.TUPLE1),
+                       f"a 255-byte integer at byte {SHAPE_AT}"),
+    "shape-huge-int4": (_with_shape(pickle.LONG4 + _DEEP.to_bytes(4, "little") + b"\x7f" * _DEEP + pickle.TUPLE1),
+                        f"refused pickle opcode LONG4 at byte {SHAPE_AT}"),
+    "shape-overflow": (_with_shape((pickle.LONG1 + b"\x08" + (2**62).to_bytes(8, "little")) * 3 + pickle.TUPLE3),
+                       "needs more than the file's"),
+    "shape-negative": (_with_shape(pickle.BININT + (-4).to_bytes(4, "little", signed=True) + pickle.TUPLE1),
+                       f"a negative array dimension -4 at byte {SHAPE_AT}"),
+}
+
+
+@pytest.mark.parametrize("name", list(CRAFTED))
+def test_crafted_files_are_refused_at_once_in_bounded_memory(name, tmp_path):
+    import time
+    import tracemalloc
+
+    data, fragment = CRAFTED[name]
+    path = tmp_path / "tensor00005_000"
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        msg = _refused(data, fragment)
+        with open(path, "rb", buffering=0) as f, pytest.raises(CheckpointError) as e:
+            read_header(f, "tensor00005_000")
+        elapsed = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(e.value) == msg  # the file and the bytes readers agree
+    assert elapsed < 2
+    assert peak < 1 << 20, peak  # well under a MiB whatever the file holds
+
+
+def _demo_with_crafted_files(tmp_path):
+    """A copy of the bundled demo model with crafted files in place of four of its tensor files."""
+    import shutil
+
+    from grokcli.paths import demo_model_dir
+
+    d = tmp_path / "demo"
+    shutil.copytree(demo_model_dir(), d)
+    for p in d.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    files = {}
+    for i, name in zip((3, 5, 9, 13), ("deep-tuple-dict-key", "shared-lists", "shape-deep-tuple",
+                                       "shape-overflow")):
+        rel = f"ckpt-0/tensor{i:05d}_000"
+        (d / rel).write_bytes(CRAFTED[name][0])
+        files[rel] = CRAFTED[name][1]
+    return d, files
+
+
+def _run_bounded(cmd, env, tmp_path, timeout=180):
+    """Run a command to completion: (rc, stdout, stderr, peak RSS of that process in MB)."""
+    import time
+
+    with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
+        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                p.kill()
+                p.wait()
+                pytest.fail(f"{cmd[1:]} still running after {timeout} s")
+            time.sleep(0.05)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return (p.returncode, (tmp_path / "out").read_text(), (tmp_path / "err").read_text(),
+            usage.ru_maxrss / 1024)
+
+
+@pytest.mark.slow
+def test_cli_refuses_crafted_files_with_one_line(tmp_path):
+    """`grok verify-checkpoint` and `grok complete` on a checkpoint with crafted tensor files."""
+    from conftest import grok_command
+
+    d, files = _demo_with_crafted_files(tmp_path)
+    cmd, env = grok_command()
+    rc, out, err, rss = _run_bounded(cmd + ["verify-checkpoint", str(d), "--json"], env, tmp_path)
+    assert rc == 1, err
+    assert rss < 500, rss
+    report = json.loads(out)
+    structural = {p["path"]: p["message"] for p in report["failures"] if p["check"] in ("unsafe", "structure")}
+    assert set(structural) == set(files)
+    for rel, fragment in files.items():
+        assert fragment in structural[rel] and "\n" not in structural[rel]
+    rc, out, err, rss = _run_bounded(cmd + ["complete", "-c", str(d), "-n", "1", "hello"], env, tmp_path)
+    assert rc == 1 and out == ""
+    assert rss < 500, rss
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: tensor00003_000: ") and files["ckpt-0/tensor00003_000"] in lines[0]
 
 
 # --- reader errors --------------------------------------------------------------------------
