@@ -160,37 +160,73 @@ def _opname(code: int) -> str:
 
 
 class _Cursor:
-    """Reads the stream's bytes; knows the file size, the current frame and the structure budget."""
+    """Reads the stream's bytes; knows the file size, the current frame and the structure budget.
+
+    Reads inside `window` up to `limit` take the fast path (a slice); everything else (entering or
+    leaving a frame, reading a file outside a frame, every error) goes through the slow path.
+    """
 
     def __init__(self, size: int):
         self.size = size  # bytes from the start of the pickle to the end of the file
         self.pos = 0
-        self.frame_end = -1  # end offset of the current frame; < pos when outside one
+        self.frame_end = -1  # end offset of the current frame; <= pos when outside one
         self.structure = 0
+        self.window: bytes | memoryview = b""  # bytes readable without I/O, from offset wbase
+        self.wbase = 0
+        self.limit = -1  # fast reads must end at or before this offset
 
     # Backends supply these.
+    def _outside_limit(self) -> int: ...
     def _read(self, n: int) -> bytes: ...
     def _frame(self, n: int) -> None: ...
     def _payload(self, n: int, in_frame: bool): ...
 
-    def take(self, n: int, what: str) -> bytes:
-        """n bytes of structure (an opcode or its argument)."""
+    def take(self, n: int, what: str) -> bytes | memoryview:
+        """n bytes of structure (an opcode's argument)."""
         start = self.pos
-        if start < self.frame_end and start + n > self.frame_end:
+        end = start + n
+        if end > self.limit:
+            return self._take_slow(n, what)
+        self.pos = end
+        self.structure += n
+        if self.structure > MAX_STRUCTURE_BYTES:
+            self._too_much(start)
+        return self.window[start - self.wbase:end - self.wbase]
+
+    def _too_much(self, at: int):
+        raise _Reject(f"more than {MAX_STRUCTURE_BYTES} bytes of pickle structure, far more than "
+                      f"a tensor file has (at byte {at})")
+
+    def _take_slow(self, n: int, what: str):
+        start = self.pos
+        if start == self.frame_end:  # the frame is used up: reading goes on outside it
+            self.frame_end = -1
+            self.limit = self._outside_limit()
+            if start + n <= self.limit:
+                return self.take(n, what)
+        if start < self.frame_end:
             raise _Reject(f"{what} crosses the end of its pickle frame at byte {self.frame_end}")
         if start + n > self.size:
             where = f"before {what}" if start >= self.size else f"inside {what} at byte {start}"
             raise _Reject(f"truncated: the file ends at byte {self.size}, {where}")
         self.structure += n
         if self.structure > MAX_STRUCTURE_BYTES:
-            raise _Reject(f"more than {MAX_STRUCTURE_BYTES} bytes of pickle structure, far more than "
-                          f"a tensor file has (at byte {start})")
+            self._too_much(start)
         data = self._read(n)
         self.pos += n
         return data
 
     def opcode(self) -> tuple[int, int]:
         """The next opcode and its offset; FRAME opcodes outside a frame are consumed here."""
+        at = self.pos
+        if at < self.limit:
+            code = self.window[at - self.wbase]
+            if code != _FRAME:
+                self.pos = at + 1
+                self.structure += 1
+                if self.structure > MAX_STRUCTURE_BYTES:
+                    self._too_much(at)
+                return code, at
         while True:
             at = self.pos
             code = self.take(1, "an opcode")[0]
@@ -205,7 +241,7 @@ class _Cursor:
                 raise _Reject(f"truncated: a {n}-byte pickle frame at byte {at} runs past the end of "
                               f"the file ({self.size} bytes)")
             self._frame(n)
-            self.frame_end = self.pos + n
+            self.frame_end = self.limit = self.pos + n
 
     def payload(self, n: int, at: int) -> bytes | Payload:
         """The n data bytes that follow; read or located, depending on the backend."""
@@ -216,6 +252,9 @@ class _Cursor:
         if start + n > self.size:
             raise _Reject(f"truncated: a {n}-byte payload at byte {at} runs past the end of the "
                           f"file ({self.size} bytes)")
+        if not in_frame and self.frame_end >= 0:
+            self.frame_end = -1
+            self.limit = self._outside_limit()
         data = self._payload(n, in_frame)
         self.pos += n
         return data
@@ -224,12 +263,16 @@ class _Cursor:
 class _MemoryCursor(_Cursor):
     """Over bytes in memory: nothing is copied, payloads are located in place."""
 
-    def __init__(self, view: memoryview):
-        super().__init__(len(view))
-        self.view = view
+    def __init__(self, data: bytes | bytearray | memoryview):
+        super().__init__(len(data))
+        self.window = data
+        self.limit = self.size
+
+    def _outside_limit(self):
+        return self.size
 
     def _read(self, n):
-        return self.view[self.pos:self.pos + n].tobytes()
+        raise AssertionError("unreachable: the whole buffer is the window")
 
     def _frame(self, n):
         pass
@@ -244,30 +287,25 @@ class _FileCursor(_Cursor):
     def __init__(self, f: BinaryIO, size: int):
         super().__init__(size)
         self.f = f
-        self.buf = b""
-        self.buf_start = 0
+
+    def _outside_limit(self):
+        return -1  # every read outside a frame is a read of the file
 
     def _read(self, n):
-        if self.pos < self.frame_end:
-            lo = self.pos - self.buf_start
-            return self.buf[lo:lo + n]
-        return self._exactly(n)
-
-    def _exactly(self, n):
         data = self.f.read(n)
         if len(data) != n:  # the file shrank under us
             raise _Reject(f"truncated: the file ends inside byte range {self.pos}-{self.pos + n}")
         return data
 
     def _frame(self, n):
-        self.buf, self.buf_start = self._exactly(n), self.pos
+        self.window, self.wbase = self._read(n), self.pos
 
     def _payload(self, n, in_frame):
         if in_frame:
-            lo = self.pos - self.buf_start
-            return self.buf[lo:lo + n]
+            lo = self.pos - self.wbase
+            return self.window[lo:lo + n]
         if n < _SKIP_THRESHOLD:
-            return self._exactly(n)
+            return self._read(n)
         self.f.seek(n, os.SEEK_CUR)
         return Payload(self.pos, n)
 
@@ -285,19 +323,62 @@ class _Parser:
 
     def _fetch(self) -> tuple[int, int, tuple | None]:
         """The next opcode; a BINGET/LONG_BINGET comes back as BINGET with its memo entry."""
-        code, at = self.cur.opcode()
-        if code not in (_BINGET, _LONG_BINGET):
+        cur = self.cur
+        at = cur.pos
+        if at < cur.limit and cur.window[at - cur.wbase] != _FRAME:  # the common case, inlined
+            code = cur.window[at - cur.wbase]
+            cur.pos = at + 1
+            cur.structure += 1
+            if cur.structure > MAX_STRUCTURE_BYTES:
+                cur._too_much(at)
+        else:
+            code, at = cur.opcode()
+        if code != _BINGET and code != _LONG_BINGET:
             return code, at, None
-        raw = self.cur.take(1 if code == _BINGET else 4, "a memo index")
-        (i,) = struct.unpack("<B" if code == _BINGET else "<I", raw)
+        raw = cur.take(1 if code == _BINGET else 4, "a memo index")
+        i = raw[0] if code == _BINGET else struct.unpack("<I", raw)[0]
         if i >= len(self.memo):
             raise _Reject(f"memo index {i} is not defined at byte {at}")
         return _BINGET, at, self.memo[i]
 
+    def accept(self, code: int) -> int:
+        """Consume the next opcode if it is `code` (never BINGET or FRAME): its offset, else -1."""
+        cur = self.cur
+        at = cur.pos
+        if self.ahead is None and at < cur.limit:
+            got = cur.window[at - cur.wbase]
+            if got == code:
+                cur.pos = at + 1
+                cur.structure += 1
+                if cur.structure > MAX_STRUCTURE_BYTES:
+                    cur._too_much(at)
+                return at
+            if got != _FRAME:
+                return -1
+        if self.peek() == code:
+            at, self.ahead = self.ahead[1], None
+            return at
+        return -1
+
     def next(self) -> tuple[int, int]:
-        op, self.ahead = self.ahead or self._fetch(), None
-        if op[0] < 0:  # peeked past a problem: it is reported when reached, not before
-            raise op[2]
+        op = self.ahead
+        if op is None:
+            cur = self.cur
+            at = cur.pos
+            if at < cur.limit:  # the common case of _fetch, inlined
+                code = cur.window[at - cur.wbase]
+                if code != _FRAME and code != _BINGET and code != _LONG_BINGET:
+                    cur.pos = at + 1
+                    cur.structure += 1
+                    if cur.structure > MAX_STRUCTURE_BYTES:
+                        cur._too_much(at)
+                    self.ref = None
+                    return code, at
+            op = self._fetch()
+        else:
+            self.ahead = None
+            if op[0] < 0:  # peeked past a problem: it is reported when reached, not before
+                raise op[2]
         self.ref = op[2]  # the memo entry of a BINGET
         return op[0], op[1]
 
@@ -322,16 +403,17 @@ class _Parser:
         return _Reject(f"refused {_opname(code)} at byte {at}: expected {expected}")
 
     def expect(self, code: int, expected: str) -> int:
-        got, at = self.next()
-        if got != code:
+        at = self.accept(code)
+        if at < 0:
+            got, at = self.next()
             raise self.unexpected(got, at, expected)
         return at
 
     def memoize(self, kind: str, value=None) -> None:
         """An optional MEMOIZE of the value just produced."""
-        if self.peek() != _MEMOIZE:
+        at = self.accept(_MEMOIZE)
+        if at < 0:
             return
-        _, at = self.next()
         if len(self.memo) >= MAX_MEMO:
             raise _Reject(f"more than {MAX_MEMO} memo entries at byte {at}")
         self.memo.append((kind, value))
@@ -378,7 +460,7 @@ class _Parser:
         if n > MAX_STR:
             raise _Reject(f"a {n}-byte string at byte {at}: expected {expected} (at most {MAX_STR} bytes)")
         try:
-            s = self.cur.take(n, "a string").decode("utf-8")
+            s = str(self.cur.take(n, "a string"), "utf-8")
         except UnicodeDecodeError:
             raise _Reject(f"a string that is not UTF-8 at byte {at}: expected {expected}") from None
         self.memoize("str", s)
@@ -393,7 +475,7 @@ class _Parser:
         return self.global_after_module(module, at)
 
     def global_after_module(self, module: str, at: int) -> tuple[str, int]:
-        name, _ = self.str_(f"the name of global {_text(module)}")
+        name, _ = self.str_("the name of a global")
         self.expect(_STACK_GLOBAL, "STACK_GLOBAL")
         kind = _GLOBALS.get((module, name))
         if kind is None:
@@ -422,10 +504,10 @@ class _Parser:
             raise _Reject(f"a protocol-{proto} pickle at byte {at}: the release's tensor files are protocol 4")
         kind, at = self.global_("numpy _reconstruct or QuantizedWeight8bit")
         if kind == _RECONSTRUCT:
-            leaf = LeafHeader(self.array_after_global(), None, None, 0)
+            parts = (self.array_after_global(), None, None)
         elif kind == _QW8:
             weight, scales = self.quantized_after_global()
-            leaf = LeafHeader(None, weight, scales, 0)
+            parts = (None, weight, scales)
         else:
             raise _Reject(f"the pickle starts with {kind} at byte {at}: a tensor file holds one "
                           "ndarray or one QuantizedWeight8bit")
@@ -433,12 +515,12 @@ class _Parser:
         end = self.cur.pos
         if end != self.cur.size:
             raise _Reject(f"{self.cur.size - end} unexpected bytes after the end of the pickle at byte {end}")
-        return dataclasses.replace(leaf, end=end)
+        return LeafHeader(*parts, end)
 
     def quantized_after_global(self) -> tuple[ArrayHeader, ArrayHeader]:
         what = "QuantizedWeight8bit()"
-        self.expect(_EMPTY_TUPLE, f"EMPTY_TUPLE ({what} takes no arguments)")
-        self.expect(_NEWOBJ, f"NEWOBJ ({what})")
+        self.expect(_EMPTY_TUPLE, 'EMPTY_TUPLE (QuantizedWeight8bit() takes no arguments)')
+        self.expect(_NEWOBJ, 'NEWOBJ (QuantizedWeight8bit())')
         self.memoize("object")
         self.expect(_EMPTY_DICT, "EMPTY_DICT (the QuantizedWeight8bit state {'weight', 'scales'})")
         self.memoize("object")
@@ -457,14 +539,14 @@ class _Parser:
 
     def array_after_global(self) -> ArrayHeader:
         args = "the arguments of numpy _reconstruct (ndarray, (0,), b'b')"
-        self.the_global(_NDARRAY, f"numpy.ndarray ({args})")
+        self.the_global(_NDARRAY, "numpy.ndarray (the arguments of numpy _reconstruct (ndarray, (0,), b'b'))")
         code, at = self.next()
         if code == _BINGET:
             zero = self.get(at, "shape", args)
         else:
             self.push_back(code, at)
             zero = (self.int_(args)[0],)
-            self.expect(_TUPLE1, f"TUPLE1 ({args})")
+            self.expect(_TUPLE1, "TUPLE1 (the arguments of numpy _reconstruct (ndarray, (0,), b'b'))")
             self.memoize("shape", zero)
         if zero != (0,):
             raise _Reject(f"unexpected arguments to numpy _reconstruct at byte {at}: expected {args}")
@@ -473,28 +555,28 @@ class _Parser:
             b = self.get(at, "bytes", args)
         elif code == _SHORT_BINBYTES:
             n = self.cur.take(1, "a bytes length")[0]
-            b = self.cur.take(n, "bytes") if n <= MAX_STR else None
+            b = bytes(self.cur.take(n, "bytes")) if n <= MAX_STR else None
             self.memoize("bytes", b)
         else:
             raise self.unexpected(code, at, f"b'b' ({args})")
         if b != b"b":
             raise _Reject(f"unexpected arguments to numpy _reconstruct at byte {at}: expected {args}")
-        self.expect(_TUPLE3, f"TUPLE3 ({args})")
+        self.expect(_TUPLE3, "TUPLE3 (the arguments of numpy _reconstruct (ndarray, (0,), b'b'))")
         self.memoize("object")
         self.expect(_REDUCE, "REDUCE (numpy _reconstruct)")
         self.memoize("object")
 
         state = "the ndarray state (1, shape, dtype, is_fortran, data)"
-        self.expect(_MARK, f"MARK ({state})")
+        self.expect(_MARK, 'MARK (the ndarray state (1, shape, dtype, is_fortran, data))')
         self.exact_int(1, "the ndarray state version")
         shape, shape_at = self.shape()
         dtype = self.dtype()
-        fortran = self.bool_(f"the is_fortran flag ({state})")
+        fortran = self.bool_('the is_fortran flag (the ndarray state (1, shape, dtype, is_fortran, data))')
         nbytes = math.prod(shape) * dtype.itemsize
         data = self.data(nbytes, shape, dtype, shape_at)
-        self.expect(_TUPLE, f"TUPLE ({state})")
+        self.expect(_TUPLE, 'TUPLE (the ndarray state (1, shape, dtype, is_fortran, data))')
         self.memoize("object")
-        self.expect(_BUILD, f"BUILD ({state})")
+        self.expect(_BUILD, 'BUILD (the ndarray state (1, shape, dtype, is_fortran, data))')
         return ArrayHeader(shape, dtype, fortran, data)
 
     def shape(self) -> tuple[tuple[int, ...], int]:
@@ -559,15 +641,15 @@ class _Parser:
         align, copy = self.bool_(args), self.bool_(args)
         if align or not copy:
             raise _Reject(f"unexpected arguments to numpy.dtype at byte {flags_at}: expected {args}")
-        self.expect(_TUPLE3, f"TUPLE3 ({args})")
+        self.expect(_TUPLE3, 'TUPLE3 (the arguments of numpy.dtype (code, False, True))')
         self.memoize("object")
         self.expect(_REDUCE, "REDUCE (numpy.dtype)")
         self.memoize("dtype", dtype)
 
         state = "the dtype state (3, byte order, None, None, None, elsize, alignment, flags)"
-        self.expect(_MARK, f"MARK ({state})")
+        self.expect(_MARK, 'MARK (the dtype state (3, byte order, None, None, None, elsize, alignment, flags))')
         self.exact_int(3, "the dtype state version")
-        order, at = self.str_(f"the byte order ({state})")
+        order, at = self.str_('the byte order (the dtype state (3, byte order, None, None, None, elsize, alignment, flags))')
         if order not in ("<", "|", "="):
             raise _Reject(f"unsupported byte order {_text(order)} for {dtype} at byte {at}: "
                           "expected little-endian")
@@ -576,13 +658,14 @@ class _Parser:
             if code != _NONE:
                 raise _Reject(f"refused {_opname(code)} at byte {at}: structured dtypes (subarrays, "
                               "fields) are not part of the checkpoint format")
-        for field, lo, hi in (("elsize", -1, 64), ("alignment", -1, 64), ("flags", 0, 0xFFFF)):
-            n, at = self.int_(f"the dtype {field}")
+        for field, lo, hi in (("the dtype elsize", -1, 64), ("the dtype alignment", -1, 64),
+                              ("the dtype flags", 0, 0xFFFF)):
+            n, at = self.int_(field)
             if not lo <= n <= hi:
-                raise _Reject(f"dtype {field} {n} at byte {at}: expected {lo}..{hi}")
-        self.expect(_TUPLE, f"TUPLE ({state})")
+                raise _Reject(f"{field} {n} at byte {at}: expected {lo}..{hi}")
+        self.expect(_TUPLE, 'TUPLE (the dtype state (3, byte order, None, None, None, elsize, alignment, flags))')
         self.memoize("object")
-        self.expect(_BUILD, f"BUILD ({state})")
+        self.expect(_BUILD, 'BUILD (the dtype state (3, byte order, None, None, None, elsize, alignment, flags))')
         return dtype
 
     def data(self, nbytes: int, shape: tuple[int, ...], dtype: np.dtype, shape_at: int):
@@ -632,4 +715,6 @@ def read_header(f: BinaryIO, name: str) -> LeafHeader:
 
 def parse_header(data: bytes | bytearray | memoryview, name: str) -> LeafHeader:
     """Parse a tensor file held in memory; payloads are located, not copied."""
-    return _parse(_MemoryCursor(memoryview(data).cast("B")), name)
+    if not isinstance(data, (bytes, bytearray)):
+        data = memoryview(data).cast("B")
+    return _parse(_MemoryCursor(data), name)

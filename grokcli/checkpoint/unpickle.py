@@ -65,7 +65,7 @@ def load_leaf(data: bytes | bytearray | memoryview | BinaryIO, name: str) -> np.
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
         view = memoryview(data).cast("B")
-        header = parse_header(view, name)
+        header = parse_header(data if isinstance(data, (bytes, bytearray)) else view, name)
 
         def fill(payload: _Payload, out: np.ndarray) -> None:
             out[:] = np.frombuffer(view, dtype=np.uint8, count=payload.length, offset=payload.offset)
