@@ -4,8 +4,7 @@ The baseline is `grokcli/checkpoint/unpickle.py` as it was at --baseline-rev (de
 commit before the schema parser, the restricted pure-Python unpickler), loaded from git into
 this process, so both run in the same process on the same page-cache state. Alternating rounds:
 
-CPU time (process_time, less disturbed by a busy machine than wall time) for the parses, wall
-time for the load:
+CPU time of the process (all threads; less disturbed by a busy machine than wall time):
 
   header:  read_header() on every tensor file of the checkpoint(s) (unbuffered files, as the
            reader opens them), microseconds per file;
@@ -82,9 +81,9 @@ def time_load(mod, demo: Path, cfg) -> float:
     saved = reader.read_header, reader.build_leaf
     reader.read_header, reader.build_leaf = mod.read_header, mod.build_leaf
     try:
-        start = time.perf_counter()
+        start = time.process_time()
         reader.read_checkpoint(demo, cfg)
-        return (time.perf_counter() - start) * 1e3
+        return (time.process_time() - start) * 1e3
     finally:
         reader.read_header, reader.build_leaf = saved
 
@@ -119,7 +118,7 @@ def main(argv=None) -> None:
             results["header", label].append(time_headers(mod, files, a.reps))
             results["bytes", label].append(time_bytes(mod, blobs, a.reps))
             results["load", label].append(time_load(mod, demo, cfg))
-    units = {"header": "us/file", "bytes": "us/file", "load": "ms (demo read_checkpoint)"}
+    units = {"header": "us/file", "bytes": "us/file", "load": "ms CPU (demo read_checkpoint)"}
     for k in ("header", "bytes", "load"):
         b, s = (statistics.median(results[k, v]) for v in ("baseline", "schema"))
         print(f"{k:6s} median of {a.rounds}: baseline {b:8.1f}  schema {s:8.1f} {units[k]}   "

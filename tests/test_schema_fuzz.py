@@ -170,3 +170,29 @@ def test_spliced_bytes_never_escape_as_other_errors(which, at, cut, junk):
     data = _SPLICE_SOURCES[which]
     at = min(at, len(data))
     _check(data[:at] + junk + data[at + cut:])
+
+
+def _outcome(data: bytes):
+    try:
+        h = parse_header(data, NAME)
+    except CheckpointError as e:
+        return str(e)
+    return h
+
+
+def test_shortcuts_parse_exactly_like_the_productions(monkeypatch):
+    """`_Parser.run` (fixed stretches consumed in one step) changes no outcome on any mutant."""
+    from grokcli.checkpoint import schema
+
+    files = _with_unframed(_demo_files())
+    offsets = [_structure_offsets(f) for f in files]
+    rng = random.Random(SEED + 2)
+    mutants = []
+    for _ in range(1000):
+        k = rng.randrange(len(files))
+        mutants.append(_mutate(rng, files[k], offsets[k]))
+    mutants += files
+    fast = [_outcome(m) for m in mutants]
+    monkeypatch.setattr(schema._Parser, "run", lambda self, lit, memo: False)
+    slow = [_outcome(m) for m in mutants]
+    assert fast == slow

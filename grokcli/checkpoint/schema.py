@@ -84,6 +84,27 @@ _GLOBALS = {
     ("__main__", "QuantizedWeight8bit"): _QW8,
 }
 
+# What the parts of an array are, for messages.
+_RARGS = "the arguments of numpy _reconstruct (ndarray, (0,), b'b')"
+_ASTATE = "the ndarray state (1, shape, dtype, is_fortran, data)"
+_FORTRAN = "the is_fortran flag (" + _ASTATE + ")"
+_DARGS = "the arguments of numpy.dtype (code, False, True)"
+_DSTATE = "the dtype state (3, byte order, None, None, None, elsize, alignment, flags)"
+_BYTE_ORDER = "the byte order (" + _DSTATE + ")"
+
+# Fixed stretches of the grammar as the pickler writes them, with the memo entries they make:
+# `_Parser.run` consumes one in a step when it comes next (a shortcut; the productions accept
+# the same bytes). After numpy.ndarray: (0,) b'b' TUPLE3 REDUCE MARK 1.
+_ARRAY_HEAD = b"K\x00\x85\x94C\x01b\x94\x87\x94R\x94(K\x01"
+_ARRAY_HEAD_MEMO = (("shape", (0,)), ("bytes", b"b"), ("object", None), ("object", None))
+# After the dtype code: False True TUPLE3 REDUCE MARK 3.
+_DTYPE_MID = b"\x89\x88\x87\x94R\x94(K\x03"
+# After the byte order: None None None, elsize alignment flags (-1, -1, 0 for numpy's own types,
+# 2, 2, 64 for bfloat16), TUPLE BUILD.
+_DTYPE_TAIL_PLAIN = b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94b"
+_DTYPE_TAIL_USER = b"NNNK\x02K\x02K@t\x94b"
+_OBJECT_MEMO = (("object", None),)
+
 # numpy dtype codes a leaf may carry: plain numbers only (never "O" objects, records or
 # strings). Anything but f4 / i1 / bf16 is refused later with a message naming the parameter.
 _DTYPE_CODES = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"}
@@ -97,6 +118,12 @@ class Payload:
 
     def __init__(self, offset: int, length: int):
         self.offset, self.length = offset, length
+
+    def __eq__(self, other):
+        return isinstance(other, Payload) and (self.offset, self.length) == (other.offset, other.length)
+
+    def __hash__(self):
+        return hash((self.offset, self.length))
 
     def __repr__(self):
         return f"<{self.length}-byte payload at offset {self.offset}>"
@@ -402,12 +429,35 @@ class _Parser:
     def unexpected(code: int, at: int, expected: str):
         return _Reject(f"refused {_opname(code)} at byte {at}: expected {expected}")
 
-    def expect(self, code: int, expected: str) -> int:
+    def expect(self, code: int, expected: str, context: str = "") -> int:
         at = self.accept(code)
         if at < 0:
             got, at = self.next()
-            raise self.unexpected(got, at, expected)
+            raise self.unexpected(got, at, f"{expected} ({context})" if context else expected)
         return at
+
+    def run(self, lit: bytes, memo: tuple) -> bool:
+        """Consume `lit`, a fixed stretch of opcodes the grammar allows here, if it comes next
+        inside the window, adding `memo` (the entries its MEMOIZEs make); else consume nothing.
+        Only a shortcut: the productions parse the same bytes to the same result."""
+        cur = self.cur
+        ahead = self.ahead
+        if ahead is not None and ahead[0] >= 0 and ahead[2] is None and ahead[1] < cur.limit:
+            # Put back a plain opcode peeked from the window (a FRAME before it stays consumed).
+            cur.pos, self.ahead = ahead[1], None
+            cur.structure -= 1
+        at = cur.pos
+        n = len(lit)
+        if (self.ahead is not None or at + n > cur.limit or cur.structure + n > MAX_STRUCTURE_BYTES
+                or len(self.memo) + len(memo) > MAX_MEMO):
+            return False
+        lo = at - cur.wbase
+        if cur.window[lo:lo + n] != lit:
+            return False
+        cur.pos = at + n
+        cur.structure += n
+        self.memo.extend(memo)
+        return True
 
     def memoize(self, kind: str, value=None) -> None:
         """An optional MEMOIZE of the value just produced."""
@@ -448,6 +498,23 @@ class _Parser:
             raise _Reject(f"{expected} is {got}, expected {value}, at byte {at}")
 
     def str_(self, expected: str) -> tuple[str, int]:
+        cur = self.cur
+        at = cur.pos
+        if self.ahead is None and at + 1 < cur.limit and cur.window[at - cur.wbase] == _SHORT_BINUNICODE:
+            # The common case, inlined: SHORT_BINUNICODE and its text inside the window.
+            lo = at - cur.wbase + 2
+            n = cur.window[lo - 1]
+            if n <= MAX_STR and at + 2 + n <= cur.limit:
+                cur.pos = at + 2 + n
+                cur.structure += 2 + n
+                if cur.structure > MAX_STRUCTURE_BYTES:
+                    cur._too_much(at)
+                try:
+                    s = str(cur.window[lo:lo + n], "utf-8")
+                except UnicodeDecodeError:
+                    raise _Reject(f"a string that is not UTF-8 at byte {at}: expected {expected}") from None
+                self.memoize("str", s)
+                return s, at
         code, at = self.next()
         if code == _BINGET:
             return self.get(at, "str", expected), at
@@ -538,46 +605,48 @@ class _Parser:
         return found["weight"], found["scales"]
 
     def array_after_global(self) -> ArrayHeader:
-        args = "the arguments of numpy _reconstruct (ndarray, (0,), b'b')"
-        self.the_global(_NDARRAY, "numpy.ndarray (the arguments of numpy _reconstruct (ndarray, (0,), b'b'))")
+        self.the_global(_NDARRAY, "numpy.ndarray (" + _RARGS + ")")
+        if not self.run(_ARRAY_HEAD, _ARRAY_HEAD_MEMO):
+            self.reconstruct_args_and_version()
+        shape, shape_at = self.shape()
+        dtype = self.dtype()
+        fortran = self.bool_(_FORTRAN)
+        nbytes = math.prod(shape) * dtype.itemsize
+        data = self.data(nbytes, shape, dtype, shape_at)
+        self.expect(_TUPLE, "TUPLE", _ASTATE)
+        self.memoize("object")
+        self.expect(_BUILD, "BUILD", _ASTATE)
+        return ArrayHeader(shape, dtype, fortran, data)
+
+    def reconstruct_args_and_version(self) -> None:
+        """(0,), b'b', TUPLE3, REDUCE and the ndarray state up to its version (_ARRAY_HEAD)."""
         code, at = self.next()
         if code == _BINGET:
-            zero = self.get(at, "shape", args)
+            zero = self.get(at, "shape", _RARGS)
         else:
             self.push_back(code, at)
-            zero = (self.int_(args)[0],)
-            self.expect(_TUPLE1, "TUPLE1 (the arguments of numpy _reconstruct (ndarray, (0,), b'b'))")
+            zero = (self.int_(_RARGS)[0],)
+            self.expect(_TUPLE1, "TUPLE1", _RARGS)
             self.memoize("shape", zero)
         if zero != (0,):
-            raise _Reject(f"unexpected arguments to numpy _reconstruct at byte {at}: expected {args}")
+            raise _Reject(f"unexpected arguments to numpy _reconstruct at byte {at}: expected {_RARGS}")
         code, at = self.next()
         if code == _BINGET:
-            b = self.get(at, "bytes", args)
+            b = self.get(at, "bytes", _RARGS)
         elif code == _SHORT_BINBYTES:
             n = self.cur.take(1, "a bytes length")[0]
             b = bytes(self.cur.take(n, "bytes")) if n <= MAX_STR else None
             self.memoize("bytes", b)
         else:
-            raise self.unexpected(code, at, f"b'b' ({args})")
+            raise self.unexpected(code, at, f"b'b' ({_RARGS})")
         if b != b"b":
-            raise _Reject(f"unexpected arguments to numpy _reconstruct at byte {at}: expected {args}")
-        self.expect(_TUPLE3, "TUPLE3 (the arguments of numpy _reconstruct (ndarray, (0,), b'b'))")
+            raise _Reject(f"unexpected arguments to numpy _reconstruct at byte {at}: expected {_RARGS}")
+        self.expect(_TUPLE3, "TUPLE3", _RARGS)
         self.memoize("object")
         self.expect(_REDUCE, "REDUCE (numpy _reconstruct)")
         self.memoize("object")
-
-        state = "the ndarray state (1, shape, dtype, is_fortran, data)"
-        self.expect(_MARK, 'MARK (the ndarray state (1, shape, dtype, is_fortran, data))')
+        self.expect(_MARK, "MARK", _ASTATE)
         self.exact_int(1, "the ndarray state version")
-        shape, shape_at = self.shape()
-        dtype = self.dtype()
-        fortran = self.bool_('the is_fortran flag (the ndarray state (1, shape, dtype, is_fortran, data))')
-        nbytes = math.prod(shape) * dtype.itemsize
-        data = self.data(nbytes, shape, dtype, shape_at)
-        self.expect(_TUPLE, 'TUPLE (the ndarray state (1, shape, dtype, is_fortran, data))')
-        self.memoize("object")
-        self.expect(_BUILD, 'BUILD (the ndarray state (1, shape, dtype, is_fortran, data))')
-        return ArrayHeader(shape, dtype, fortran, data)
 
     def shape(self) -> tuple[tuple[int, ...], int]:
         what = "an array shape (a tuple of dimensions)"
@@ -618,12 +687,11 @@ class _Parser:
             self.next()
             return self.ref[1]
         self.the_global(_DTYPE, what)
-        args = "the arguments of numpy.dtype (code, False, True)"
         if self.peek_get("global"):
-            kind, at = self.global_(args)
+            kind, at = self.global_(_DARGS)
         else:
             # A code string, or the module of a global (ml_dtypes.bfloat16): a string follows.
-            code_str, at = self.str_(args)
+            code_str, at = self.str_(_DARGS)
             kind = None
             if self.peek() in (_SHORT_BINUNICODE, _BINUNICODE) or self.peek_get("str"):
                 kind, at = self.global_after_module(code_str, at)
@@ -636,23 +704,32 @@ class _Parser:
             dtype = _BF16
         else:
             raise _Reject(f"unsupported dtype {kind} at byte {at}")
-        self.peek()
-        flags_at = self.ahead[1]
-        align, copy = self.bool_(args), self.bool_(args)
-        if align or not copy:
-            raise _Reject(f"unexpected arguments to numpy.dtype at byte {flags_at}: expected {args}")
-        self.expect(_TUPLE3, 'TUPLE3 (the arguments of numpy.dtype (code, False, True))')
-        self.memoize("object")
-        self.expect(_REDUCE, "REDUCE (numpy.dtype)")
-        self.memoize("dtype", dtype)
-
-        state = "the dtype state (3, byte order, None, None, None, elsize, alignment, flags)"
-        self.expect(_MARK, 'MARK (the dtype state (3, byte order, None, None, None, elsize, alignment, flags))')
-        self.exact_int(3, "the dtype state version")
-        order, at = self.str_('the byte order (the dtype state (3, byte order, None, None, None, elsize, alignment, flags))')
+        if not self.run(_DTYPE_MID, (("object", None), ("dtype", dtype))):
+            self.dtype_args_and_version(dtype)
+        order, at = self.str_(_BYTE_ORDER)
         if order not in ("<", "|", "="):
             raise _Reject(f"unsupported byte order {_text(order)} for {dtype} at byte {at}: "
                           "expected little-endian")
+        if not (self.run(_DTYPE_TAIL_PLAIN, _OBJECT_MEMO) or self.run(_DTYPE_TAIL_USER, _OBJECT_MEMO)):
+            self.dtype_state_tail()
+        return dtype
+
+    def dtype_args_and_version(self, dtype: np.dtype) -> None:
+        """False, True, TUPLE3, REDUCE and the dtype state up to its version (_DTYPE_MID)."""
+        self.peek()
+        flags_at = self.ahead[1]
+        align, copy = self.bool_(_DARGS), self.bool_(_DARGS)
+        if align or not copy:
+            raise _Reject(f"unexpected arguments to numpy.dtype at byte {flags_at}: expected {_DARGS}")
+        self.expect(_TUPLE3, "TUPLE3", _DARGS)
+        self.memoize("object")
+        self.expect(_REDUCE, "REDUCE (numpy.dtype)")
+        self.memoize("dtype", dtype)
+        self.expect(_MARK, "MARK", _DSTATE)
+        self.exact_int(3, "the dtype state version")
+
+    def dtype_state_tail(self) -> None:
+        """The dtype state after its byte order (_DTYPE_TAIL_PLAIN / _DTYPE_TAIL_USER)."""
         for _ in range(3):
             code, at = self.next()
             if code != _NONE:
@@ -663,10 +740,9 @@ class _Parser:
             n, at = self.int_(field)
             if not lo <= n <= hi:
                 raise _Reject(f"{field} {n} at byte {at}: expected {lo}..{hi}")
-        self.expect(_TUPLE, 'TUPLE (the dtype state (3, byte order, None, None, None, elsize, alignment, flags))')
+        self.expect(_TUPLE, "TUPLE", _DSTATE)
         self.memoize("object")
-        self.expect(_BUILD, 'BUILD (the dtype state (3, byte order, None, None, None, elsize, alignment, flags))')
-        return dtype
+        self.expect(_BUILD, "BUILD", _DSTATE)
 
     def data(self, nbytes: int, shape: tuple[int, ...], dtype: np.dtype, shape_at: int):
         what = "the array data (bytes)"
