@@ -1,8 +1,8 @@
-"""The official Grok-1 checkpoint layout: leaf order, restricted unpickler, reader, writer.
+"""The official Grok-1 checkpoint layout: leaf order, schema parser, reader, writer.
 
 `<dir>/ckpt-0/tensor{i:05d}_000` holds the i-th leaf of `grokcli.params.param_specs(cfg)`, one
 protocol-4 pickle per file (see ../shared/fixtures/README.md). Files are never `pickle.load`ed:
-`load_leaf` accepts only the release's five globals and runs no code from the file.
+`load_leaf` parses exactly the release's opcode sequence (`schema`) and builds nothing the file names.
 """
 
 from .reader import (check_checkpoint_shapes, iter_leaves, read_checkpoint, read_leaf,
