@@ -495,6 +495,18 @@ def test_cli_refuses_crafted_files_with_one_line(tmp_path):
     assert lines[0].startswith("error: tensor00003_000: ") and files["ckpt-0/tensor00003_000"] in lines[0]
 
 
+@pytest.mark.parametrize("name", ["deep-tuple-dict-key", "shape-overflow"])
+def test_load_refuses_a_crafted_file_with_one_line(tmp_path, name):
+    import grokcli
+
+    d, _ = _demo_with_crafted_files(tmp_path)
+    (d / "ckpt-0" / "tensor00003_000").write_bytes(CRAFTED[name][0])
+    with pytest.raises(CheckpointError) as e:
+        grokcli.load(d)
+    msg = str(e.value)
+    assert msg.startswith("tensor00003_000: ") and CRAFTED[name][1] in msg and "\n" not in msg
+
+
 # --- reader errors --------------------------------------------------------------------------
 
 def _spec(cfg, name, layer=0):
@@ -852,3 +864,4 @@ def test_written_files_get_the_usual_permissions(tmp_path, tiny_config, tiny_che
         os.umask(mask)
     modes = {stat.S_IMODE(p.stat().st_mode) for p in [out / "config.json", *(out / "ckpt-0").iterdir()]}
     assert modes == {0o644}
+
