@@ -17,12 +17,14 @@ the same order (only integer widths, frame positions and memo references vary):
     shape    := get | EMPTY_TUPLE | int{1,3} TUPLE1..3 memo? | MARK int{1,64} TUPLE memo?
     payload  := (SHORT_BINBYTES | BINBYTES | BINBYTES8) memo? | get      (prod(shape)*itemsize bytes)
 
-`memo?` is MEMOIZE, `get` is BINGET/LONG_BINGET of an earlier value of the same kind. numpy >= 2
+`[...]` is an argument tuple, `memo?` an optional MEMOIZE, `get` a BINGET/LONG_BINGET of an earlier
+value of the same kind (a string, global, dtype, shape or small bytes; never an array). numpy >= 2
 spells the reconstructor `numpy._core.multiarray._reconstruct`; both spellings are accepted.
 FRAME opcodes may sit before any opcode outside a frame; an opcode never crosses a frame's end.
 
 The parser reads that grammar with one opcode of lookahead and a fixed call depth: no stack
-machine, no object is ever built from the file, nothing is hashed or repr()ed. Container sizes
+machine, no object is ever built from the file, nothing from it is hashed, and messages quote
+only strings of at most 64 bytes (escaped when not printable). Container sizes
 are fixed by the grammar (shapes have at most 64 dimensions), strings hold at most 64 bytes,
 the memo at most 64 entries, the structure (everything but payloads) at most 4 KiB, a frame at
 most 256 KiB. Payload lengths must equal what shape and dtype need and lie inside the file.
