@@ -57,6 +57,9 @@ _MARK, _TUPLE, _TUPLE1, _TUPLE2, _TUPLE3, _EMPTY_TUPLE = 0x28, 0x74, 0x85, 0x86,
 _EMPTY_DICT, _SETITEMS = 0x7D, 0x75
 _REDUCE, _NEWOBJ, _BUILD = 0x52, 0x81, 0x62
 _SHORT_BINBYTES, _BINBYTES, _BINBYTES8 = 0x43, 0x42, 0x8E
+# Opcodes that name, call or build objects, or reach outside the pickle: out of place, they are
+# refused as unsafe rather than merely unexpected.
+_CODE_OPCODES = {0x63, 0x93, 0x52, 0x62, 0x69, 0x6F, 0x81, 0x92, 0x50, 0x51, 0x82, 0x83, 0x84}
 _INTS = (_BININT1, _BININT2, _BININT, _LONG1)
 _SMALL_TUPLES = {_TUPLE1: 1, _TUPLE2: 2, _TUPLE3: 3}
 
@@ -429,7 +432,9 @@ class _Parser:
 
     @staticmethod
     def unexpected(code: int, at: int, expected: str):
-        return _Reject(f"refused {_opname(code)} at byte {at}: expected {expected}")
+        # "refused" marks what could call or build objects (verify reports it as unsafe).
+        verdict = "refused" if code in _CODE_OPCODES else "unexpected"
+        return _Reject(f"{verdict} {_opname(code)} at byte {at}: expected {expected}")
 
     def expect(self, code: int, expected: str, context: str = "") -> int:
         at = self.accept(code)
@@ -735,7 +740,7 @@ class _Parser:
         for _ in range(3):
             code, at = self.next()
             if code != _NONE:
-                raise _Reject(f"refused {_opname(code)} at byte {at}: structured dtypes (subarrays, "
+                raise _Reject(f"unexpected {_opname(code)} at byte {at}: structured dtypes (subarrays, "
                               "fields) are not part of the checkpoint format")
         for field, lo, hi in (("the dtype elsize", -1, 64), ("the dtype alignment", -1, 64),
                               ("the dtype flags", 0, 0xFFFF)):
