@@ -532,14 +532,18 @@ def test_nonfinite_float_leaves_are_a_fail_and_json_stays_valid(ckpt, name, laye
     assert json.loads(json.dumps(report.to_json(), allow_nan=False))["ok"] is False
 
 
-def test_nonfinite_scan_across_chunk_boundaries_against_numpy(tmp_path):
+@pytest.mark.parametrize("rows", [16, 1024])  # 4 KiB: inside a pickle frame; 256 KiB: a skipped payload
+def test_nonfinite_scan_across_chunk_boundaries_against_numpy(tmp_path, monkeypatch, rows):
     # An embed payload streamed through 1000-byte chunks at an odd offset: counts as numpy does.
+    import dataclasses
+
     from grokcli import verify
 
-    spec = next(s for s in SPECS if s.name == "embed")
+    spec = dataclasses.replace(next(s for s in SPECS if s.name == "embed"), shape=(rows, CFG.emb_size))
+    monkeypatch.setattr(verify.os, "pread", lambda *a: pytest.fail("payload read a second time"))
     leaf = np.random.default_rng(1).standard_normal(spec.shape).astype(np.float32)
     flat = leaf.reshape(-1)
-    flat[[0, 249, 250, 251, 500, flat.size - 1]] = [np.nan, np.inf, -np.inf, np.nan, np.inf, np.nan]
+    flat[[0, 249, 250, 251, flat.size // 2, flat.size - 1]] = [np.nan, np.inf, -np.inf, np.nan, np.inf, np.nan]
     path = tmp_path / "t"
     path.write_bytes(dumps_leaf(leaf))
     old = verify.CHUNK
@@ -552,7 +556,7 @@ def test_nonfinite_scan_across_chunk_boundaries_against_numpy(tmp_path):
         verify._local.buf = None
     [p] = res.problems
     assert f"{int(np.count_nonzero(~np.isfinite(leaf)))} NaN/Inf" in p.message
-    assert res.sha256 == sha256(path)
+    assert res.sha256 == sha256(path) and res.bytes_read == path.stat().st_size
 
 
 def test_cli_verify_of_a_hostile_directory_is_one_line_per_row_and_exit_1(ckpt):
