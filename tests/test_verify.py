@@ -476,7 +476,7 @@ def test_num_layers_bounded_by_the_files_on_disk_before_anything_per_layer(ckpt,
     else:
         [p] = verify_checkpoint(ckpt).failures
         assert p.check == "config" and "4,000 layers" in p.message and "holds 26" in p.message
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 5
 
 
 def test_a_million_entry_manifest_is_refused_without_building_a_table(ckpt):
