@@ -20,7 +20,8 @@ import dataclasses
 from .config import ModelConfig
 from .fsutil import format_bytes
 
-DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill step
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill step, over all rows of a batch
+MIN_ROW_CHUNK = 16  # the fewest tokens per row a prefill step takes
 MIN_CONTEXT = 512  # the smallest KV cache: short requests of any length share one decode step
 CONTEXT_GROWTH = 4  # each cache size is this many times the previous one
 MAX_BATCH = 64  # the largest batch compiled; more prompts run in consecutive groups
@@ -31,7 +32,7 @@ class RequestShape:
     """The compiled shapes of one request (one group of at most `batch` prompts)."""
 
     batch: int  # rows of the compiled steps: a power of two >= the prompts (padded rows are ignored)
-    prefill_chunk: int  # prompt tokens each prefill step writes per row
+    prefill_chunk: int  # prompt tokens each prefill step writes per row (the chunk shared by the rows)
     context: int  # KV cache positions per row: one of cache_sizes(cfg)
 
     def prefill_steps(self, tokens: int) -> int:
@@ -72,7 +73,11 @@ def request_shape(cfg: ModelConfig, *, rows: int = 1, prompt_tokens: int = 1, ma
         raise ValueError(f"prefill_chunk must be an integer >= 1, got {chunk!r}")
     needed = cfg.sequence_len if max_tokens is None else max(prompt_tokens + max_tokens, min_context)
     context = next((size for size in cache_sizes(cfg) if size >= needed), cfg.sequence_len)
-    return RequestShape(batch=batch_size(rows), prefill_chunk=min(chunk, context), context=context)
+    batch = batch_size(rows)
+    # The chunk is shared by the batch's rows: 64 short prompts then take 64 x 16 tokens a step,
+    # not 64 x 512 (still one prefill executable per batch size).
+    per_row = chunk if batch == 1 else max(min(MIN_ROW_CHUNK, chunk), chunk // batch)
+    return RequestShape(batch=batch, prefill_chunk=min(per_row, context), context=context)
 
 
 def batch_groups(rows: int, max_batch: int = MAX_BATCH) -> list[range]:
@@ -134,4 +139,4 @@ def free_host_memory() -> int | None:
 
 __all__ = ["RequestShape", "request_shape", "cache_sizes", "batch_size", "batch_groups", "plan_request",
            "fit_request", "free_host_memory",
-           "DEFAULT_PREFILL_CHUNK", "MIN_CONTEXT", "CONTEXT_GROWTH", "MAX_BATCH"]
+           "DEFAULT_PREFILL_CHUNK", "MIN_ROW_CHUNK", "MIN_CONTEXT", "CONTEXT_GROWTH", "MAX_BATCH"]

@@ -78,7 +78,9 @@ def test_request_shapes_come_from_small_fixed_sets():
     assert cache_sizes(dataclasses.replace(cfg, sequence_len=128)) == (128,)
     assert [batch_size(n) for n in (1, 2, 3, 5, 64)] == [1, 2, 4, 8, 64]
     shape = request_shape.request_shape(cfg, rows=3, prompt_tokens=300, max_tokens=256)
-    assert (shape.batch, shape.prefill_chunk, shape.context) == (4, 512, 2048)
+    assert (shape.batch, shape.prefill_chunk, shape.context) == (4, 128, 2048)  # 512 tokens a step in all
+    assert request_shape.request_shape(cfg, rows=64, prefill_chunk=512).prefill_chunk == 16
+    assert request_shape.request_shape(cfg, rows=2, prefill_chunk=8).prefill_chunk == 8
     assert request_shape.request_shape(cfg, prompt_tokens=100, max_tokens=100).context == 512
     assert request_shape.request_shape(cfg, prompt_tokens=100, max_tokens=100, min_context=2048).context == 2048
     assert request_shape.request_shape(cfg, prompt_tokens=1, max_tokens=None).context == 8192
