@@ -739,10 +739,12 @@ def download(plan: DownloadPlan, *, force: bool = False, max_workers: int = 8,
         stop.set()  # transfers in flight stop at their next block (their partial files are removed)
         write_manifest(plan.local_dir, manifest())
         shutil.rmtree(staging, ignore_errors=True)
-        left = [f for f in todo if f.path not in fetched]
+        with lock:  # a file moved into place counts as done even if its result was not collected yet
+            left = [f for f in todo if f.path not in verified]
         raise DownloadInterrupted(
             f"interrupted: {len(left)} of {len(todo)} files ({format_bytes(sum(f.size for f in left))}) not "
-            f"downloaded yet, {len(fetched)} complete and kept; run the same command again to continue") from None
+            f"downloaded yet, {len(todo) - len(left)} complete and kept; run the same command again to continue"
+        ) from None
     stop.set()
     write_manifest(plan.local_dir, manifest())
     shutil.rmtree(staging, ignore_errors=True)
