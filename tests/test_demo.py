@@ -19,6 +19,7 @@ import pytest
 import grokcli
 from grokcli import paths
 from grokcli.config import load_config
+from grokcli.params import layer_params
 
 from conftest import grok_command
 
@@ -61,7 +62,7 @@ def test_loads_through_the_grok1_code_path_with_int8_weights(demo):
     from grokcli.quant import QuantizedWeight
 
     model, _ = demo
-    layer = model.params["layers"][0]
+    layer = model.params["layers"]
     assert isinstance(layer["w_down"], QuantizedWeight) and layer["w_down"].row_blocks == 8
     assert np.asarray(layer["w_down"].weight).dtype == np.int8
     assert np.asarray(model.params["embed"]).dtype == np.float32
@@ -93,7 +94,8 @@ def _dequantized_params(model):
         return np.asarray(leaf, np.float32)
 
     return {"embed": host(model.params["embed"]), "final_norm": host(model.params["final_norm"]),
-            "layers": [{k: host(v) for k, v in layer.items()} for layer in model.params["layers"]]}
+            "layers": [{k: host(v) for k, v in layer_params(model.params, i).items()}
+                       for i in range(model.config.num_layers)]}
 
 
 def _np_forward(p, tokens, cfg):
