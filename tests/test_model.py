@@ -195,3 +195,54 @@ def test_layers_run_as_one_scan_whatever_the_depth():
 
     shallow, deep = program_size(2), program_size(12)
     assert deep < 1.05 * shallow, (shallow, deep)
+
+
+_LONG_PROMPT_CHILD = r"""
+import json, resource, sys
+import jax, jax.numpy as jnp, numpy as np
+import grokcli
+from grokcli.checkpoint import random_params
+from grokcli.config import ModelConfig
+from grokcli.loader import Model
+from grokcli.memory import plan_memory
+from grokcli.quant import QuantizedWeight
+from grokcli.request_shape import request_shape
+
+cfg = ModelConfig(vocab_size=256, pad_token=0, eos_token=2, sequence_len=8192 + 512, embedding_multiplier_scale=8.0,
+                  output_multiplier_scale=0.5773502691896257, emb_size=32, key_size=8, num_q_heads=4,
+                  num_kv_heads=2, num_layers=64, widening_factor=2, attn_output_multiplier=0.25,
+                  num_experts=4, num_selected_experts=2)
+def dev(x):
+    if isinstance(x, QuantizedWeight):
+        return QuantizedWeight(jnp.asarray(x.weight), jnp.asarray(np.asarray(x.scales, np.float32)))
+    return jnp.asarray(x)
+params = jax.tree.map(dev, random_params(cfg, seed=0), is_leaf=lambda x: isinstance(x, QuantizedWeight))
+model = Model(config=cfg, params=params, dtype=jnp.float32)
+prompt = [3 + (i * 7) % 250 for i in range(8192)]
+shape = request_shape(cfg, prompt_tokens=len(prompt), max_tokens=4)
+plan = plan_memory(cfg, batch=1, context=shape.context, prefill_chunk=shape.prefill_chunk, dtype="float32")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+before = rss()
+done = grokcli.generate(model, None, prompt, temperature=0, max_tokens=4)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"tokens": len(done.token_ids), "prompt": done.stats.prompt_tokens if hasattr(done, "stats") else None,
+                  "growth": peak - before, "planned": plan.kv_cache_per_device + plan.activations_per_device,
+                  "context": shape.context, "chunk": shape.prefill_chunk}))
+"""
+
+
+@pytest.mark.slow
+def test_an_8192_token_prompt_on_64_layers_stays_within_the_memory_plan():
+    """A whole-context prompt through 64 scanned layers, prefilled in chunks: the process's memory
+    grows by no more than the planner's KV cache + activations for that shape."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _LONG_PROMPT_CHILD], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == 4 and got["context"] >= 8192 + 4 and got["chunk"] < 8192, got
+    assert 0 < got["growth"] <= got["planned"], got
