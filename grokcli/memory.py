@@ -1,12 +1,9 @@
 """The memory planner: bytes per device for weights, KV cache and activations, from shapes alone.
 
 Weights and the KV cache are counted exactly as `sharding.py` lays them out (the same partition
-rules, the on-device dtypes of `params.device_dtypes` that the loader places, the cache shape of
-`model.cache_shapes`). Activations are an upper estimate of the largest transient buffers of one
-prefill chunk attending over the whole cache. Nothing is allocated and no file is read.
-
-`device_memory_bytes()` and `peak_memory_bytes()` are the one place that reads the devices'
-memory statistics.
+rules, the same on-device dtypes as the loader: int8 weights, f32 scales, the embedding in the
+activation dtype, f32 norms and router). Activations are an upper estimate of the largest
+transient buffers of a prefill of the whole context. Nothing is allocated and no file is read.
 """
 
 from __future__ import annotations
@@ -17,8 +14,7 @@ import math
 from .config import ModelConfig
 from .errors import MemoryPlanError
 from .fsutil import format_bytes
-from .params import device_dtypes, param_specs
-from .request_shape import DEFAULT_PREFILL_CHUNK
+from .params import param_specs
 from .sharding import DATA, MODEL, cache_partitions, leaf_bytes_per_device, param_partitions
 
 # Kept free on every device for the runtime (CUDA context, XLA workspace, fragmentation).
@@ -113,12 +109,11 @@ def _itemsize(dtype: str) -> int:
 
 
 def plan_memory(cfg: ModelConfig, mesh: tuple[int, int] | str = (1, 1), *, batch: int = 1,
-                context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                dtype: str = "bfloat16", device_memory: int | None = None) -> MemoryPlan:
+                context: int | None = None, prefill_tokens: int | None = None, dtype: str = "bfloat16",
+                device_memory: int | None = None) -> MemoryPlan:
     """Per-device bytes of `cfg` on a (data, model) mesh for `batch` sequences of `context` tokens.
 
-    `prefill_chunk` is the prompt tokens one prefill step processes (generation prefills in chunks
-    of `request_shape.DEFAULT_PREFILL_CHUNK`, each attending over the cache written so far);
+    `prefill_tokens` is the longest prompt processed at once (default: the whole context);
     `dtype` the activation dtype (bfloat16 on accelerators, float32 on CPU); `device_memory`
     the bytes of one device (None: unknown, `fits` is then None).
     """
@@ -138,35 +133,34 @@ def plan_memory(cfg: ModelConfig, mesh: tuple[int, int] | str = (1, 1), *, batch
     weights_total = weights_dev = largest_local_weight = 0
     for spec in param_specs(cfg):
         part = parts[(spec.name, spec.layer)]
-        sizes = {name: dt.itemsize for name, dt in device_dtypes(spec, dtype).items()}
-        shapes = {"weight": spec.shape, "scales": spec.scales_shape, "plain": spec.shape}
-        for name, size in sizes.items():
-            weights_total += size * math.prod(shapes[name])
-            local = leaf_bytes_per_device(shapes[name], size, part[name], mesh_shape)
-            weights_dev += local
-            if name == "weight":
-                largest_local_weight = max(largest_local_weight, local)
+        if spec.quantized:
+            weights_total += math.prod(spec.shape) + 4 * math.prod(spec.scales_shape)
+            local = leaf_bytes_per_device(spec.shape, 1, part["weight"], mesh_shape)
+            weights_dev += local + leaf_bytes_per_device(spec.scales_shape, 4, part["scales"], mesh_shape)
+            largest_local_weight = max(largest_local_weight, local)
+        else:
+            size = act if spec.name == "embed" else 4
+            weights_total += size * math.prod(spec.shape)
+            weights_dev += leaf_bytes_per_device(spec.shape, size, part["plain"], mesh_shape)
 
     # KV cache: keys and values in the activation dtype, plus the validity mask and lengths.
-    from .model import cache_shapes
-
-    kv_shape = cache_shapes(cfg, batch, context).k
+    kv_shape = (cfg.num_layers, batch, context, cfg.num_kv_heads, cfg.key_size)
     cparts = cache_partitions(cfg, batch, context, mesh_shape)
     kv_total = 2 * math.prod(kv_shape) * act + batch * context + 4 * batch
     kv_dev = (leaf_bytes_per_device(kv_shape, act, cparts["k"], mesh_shape)
               + leaf_bytes_per_device(kv_shape, act, cparts["v"], mesh_shape)
               + leaf_bytes_per_device((batch, context), 1, cparts["valid"], mesh_shape) + 4 * batch)
 
-    # Activations of one prefill step on one device (one layer live at a time: the layers are a
-    # scan): a chunk of `prompt` tokens whose scores span the whole cache, chunk x context.
-    prompt = max(1, min(prefill_chunk, context))
+    # Activations of the prefill on one device (one layer live at a time); attention scores are
+    # prompt x prompt because a prefill attends only among its own tokens.
+    prompt = min(prefill_tokens or context, context)
     rows = batch // data if batch % data == 0 else batch
     tokens = rows * prompt
     q_split = model if cfg.num_q_heads % model == 0 else 1
     ffn_split = model if cfg.ffn_size % model == 0 else 1
     residual = tokens * cfg.emb_size * (6 * act + 2 * 4)  # h, norms (f32 inside), attention / MoE outputs
     qkv = tokens * (cfg.num_q_heads // q_split + 2 * cfg.num_kv_heads) * cfg.key_size * act
-    scores = 2 * rows * (cfg.num_q_heads // q_split) * prompt * context * 4  # scores + softmax, f32
+    scores = 2 * rows * (cfg.num_q_heads // q_split) * prompt * prompt * 4  # scores + softmax, f32
     moe = tokens * cfg.num_selected_experts * (3 * cfg.ffn_size // ffn_split * act + 2 * cfg.emb_size * act)
     dequantised = largest_local_weight * act  # one weight shard converted for its matmul
     sampling = batch * cfg.vocab_size * 4 * 6  # logits, probabilities, sort keys, masks
@@ -178,36 +172,16 @@ def plan_memory(cfg: ModelConfig, mesh: tuple[int, int] | str = (1, 1), *, batch
                       activations_per_device=activations, device_memory_bytes=device_memory)
 
 
-def _memory_stat(key: str, device=None) -> int | None:
+def detected_device_memory() -> int | None:
+    """The memory JAX's allocator may use on one device (GPUs, TPUs); None on CPU."""
     import jax
 
     try:
-        stats = (device or jax.local_devices()[0]).memory_stats()
+        stats = jax.local_devices()[0].memory_stats()
     except Exception:  # noqa: BLE001 - CPU devices have no memory stats: unknown, not an error
         return None
-    value = (stats or {}).get(key)
-    return int(value) if value else None
-
-
-def device_memory_bytes(device=None) -> int | None:
-    """The memory JAX's allocator may use on one device (GPUs, TPUs); None where unknown (CPU)."""
-    return _memory_stat("bytes_limit", device)
-
-
-def peak_memory_bytes(device=None) -> int:
-    """Peak bytes in use on one device (default: the first local one) so far, or the process's
-    peak resident memory where the device keeps no statistics (CPU)."""
-    import resource
-    import sys
-
-    peak = _memory_stat("peak_bytes_in_use", device)
-    if peak is not None:
-        return peak
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-detected_device_memory = device_memory_bytes  # the name the CLI and older callers use
+    limit = (stats or {}).get("bytes_limit")
+    return int(limit) if limit else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +214,7 @@ def plan_for_devices(cfg: ModelConfig, mesh, reservation: Reservation | None = N
         mesh = parse_mesh_shape(mesh)
     if device_memory is None:
         device_memory = detected_device_memory()
-    return plan_memory(cfg, mesh, batch=batch, context=run.context, prefill_chunk=run.prefill_chunk,
+    return plan_memory(cfg, mesh, batch=batch, context=run.context, prefill_tokens=run.prefill_chunk,
                        dtype=dtype, device_memory=device_memory)
 
 
@@ -255,5 +229,5 @@ def check_fits(plan: MemoryPlan) -> MemoryPlan:
 
 
 __all__ = ["MemoryPlan", "MemoryPlanError", "Reservation", "plan_memory", "plan_for_devices",
-           "detected_device_memory", "device_memory_bytes", "peak_memory_bytes", "check_fits",
+           "detected_device_memory", "check_fits",
            "RESERVE_FRACTION", "RESERVE_MIN_BYTES"]

@@ -90,7 +90,7 @@ def plan_request(cfg: ModelConfig, shape: RequestShape, mesh=(1, 1), *, dtype: s
     """The memory plan (`memory.plan_memory`) of a model serving requests of this shape."""
     from .memory import plan_memory
 
-    return plan_memory(cfg, mesh, batch=shape.batch, context=shape.context, prefill_chunk=shape.prefill_chunk,
+    return plan_memory(cfg, mesh, batch=shape.batch, context=shape.context, prefill_tokens=shape.prefill_chunk,
                        dtype=dtype, device_memory=device_memory)
 
 

@@ -5,11 +5,14 @@ reason and stats out. Knows nothing of devices; generation.py drives it one toke
 from __future__ import annotations
 
 import dataclasses
+import resource
+import sys
 import time
+
+import jax
 
 from .errors import PromptError, PromptTooLongError
 from .events import DoneEvent, GenerationStats, TokenEvent, TopLogprob
-from .memory import peak_memory_bytes
 from .sampling_params import SamplingParams
 
 
@@ -140,3 +143,15 @@ def row_stats(r: Row, times: Times) -> GenerationStats:
         peak_memory_bytes=peak_memory_bytes(),
         cached_tokens=r.cached,
     )
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak bytes in use on the first local device, or the process's peak RSS on CPU."""
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)

@@ -156,21 +156,3 @@ def test_per_device_and_total_add_up_on_a_mesh_that_does_not_divide():
     assert plan["total_bytes"] == plan["per_device_bytes"] * 9
     assert plan["per_device_bytes"] == (plan["weights_per_device_bytes"] + plan["kv_cache_per_device_bytes"]
                                         + plan["activations_per_device_bytes"])
-
-
-def test_prefill_is_planned_chunk_by_chunk_over_the_cache():
-    """An 8192-token prompt is prefilled in chunks: its scores are chunk x context, not T x T."""
-    import dataclasses
-
-    from grokcli.request_shape import DEFAULT_PREFILL_CHUNK
-
-    one_layer = dataclasses.replace(GROK_1, num_layers=1)
-    chunked = plan_memory(one_layer, (1, 1), batch=1, context=8192)
-    assert plan_memory(one_layer, (1, 1), batch=1, context=8192, prefill_chunk=DEFAULT_PREFILL_CHUNK) == chunked
-    whole = plan_memory(one_layer, (1, 1), batch=1, context=8192, prefill_chunk=8192)
-    # f32 scores and softmax of 48 heads: 2 x 48 x chunk x 8192 x 4 bytes.
-    assert whole.activations_per_device - chunked.activations_per_device >= 2 * 48 * (8192 - 512) * 8192 * 4
-    assert chunked.activations_per_device < 6 * GB  # was 41.3 GB with whole-prompt T x T scores
-    # The chunk's own activations scale with it; the scores span the whole cache.
-    half = plan_memory(one_layer, (1, 1), batch=1, context=8192, prefill_chunk=256)
-    assert half.activations_per_device < chunked.activations_per_device
