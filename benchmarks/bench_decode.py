@@ -296,14 +296,12 @@ def baseline_forward(params, tokens, positions, cache, cfg, dtype):
     import jax.numpy as jnp
 
     from grokcli.model import rms_norm
-    from grokcli.params import layer_params
 
     cache_k, cache_v, valid = cache
     b = tokens.shape[0]
     valid = valid.at[jnp.arange(b)[:, None], positions].set(True)
     h = params["embed"][tokens].astype(dtype) * cfg.embedding_multiplier_scale
-    for layer in range(cfg.num_layers):  # the reference's unrolled loop over the layers
-        p = layer_params(params, layer)
+    for layer, p in enumerate(params["layers"]):
         h, cache_k, cache_v = baseline_layer(p, h, cfg, positions, cache_k, cache_v, valid, layer, dtype)
     last = rms_norm(h[:, -1], params["final_norm"])
     logits = (last @ params["embed"].astype(dtype).T).astype(jnp.float32) * cfg.output_multiplier_scale
@@ -387,9 +385,9 @@ def active_weight_bytes(model, batch: int) -> tuple[float, float]:
     experts = {"w_gate", "w_up", "w_down"}
     dense = nbytes(model.params["embed"]) + nbytes(model.params["final_norm"])
     expert_all = 0
-    layers = model.params["layers"]  # stacked over the layers
-    dense += nbytes({k: v for k, v in layers.items() if k not in experts})
-    expert_all += nbytes({k: v for k, v in layers.items() if k in experts})
+    for p in model.params["layers"]:
+        dense += nbytes({k: v for k, v in p.items() if k not in experts})
+        expert_all += nbytes({k: v for k, v in p.items() if k in experts})
     e, k = cfg.num_experts, cfg.num_selected_experts
     distinct = e * (1 - (1 - k / e) ** batch)
     per_step = dense + expert_all * distinct / e

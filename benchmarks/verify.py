@@ -33,7 +33,7 @@ def synthetic_checkpoint(root: Path, size_gb: float) -> Path:
 
     from grokcli.checkpoint import write_checkpoint
     from grokcli.config import ModelConfig
-    from grokcli.params import assemble, param_specs
+    from grokcli.params import LAYER_PARAMS, param_specs
     from grokcli.quant import QuantizedWeight
 
     probe = dict(vocab_size=64, pad_token=0, eos_token=2, sequence_len=128, embedding_multiplier_scale=1.0,
@@ -50,7 +50,8 @@ def synthetic_checkpoint(root: Path, size_gb: float) -> Path:
                 weight=w, scales=np.ones(spec.scales_shape, dtype=ml_dtypes.bfloat16))
         else:
             leaves[(spec.name, spec.layer)] = rng.standard_normal(spec.shape, dtype=np.float32)
-    params = assemble(cfg, leaves)
+    params = {"embed": leaves[("embed", None)], "final_norm": leaves[("final_norm", None)],
+              "layers": [{n: leaves[(n, i)] for n in LAYER_PARAMS} for i in range(cfg.num_layers)]}
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(400)]
     tok = io.BytesIO()

@@ -13,7 +13,7 @@ import numpy as np
 from .config import ModelConfig, load_config
 from .layout import TOKENIZER_NAME
 from .errors import CheckpointError, TokenizerError
-from .params import LAYER_PARAMS, HostStacks, ParamSpec, device_dtypes, param_specs
+from .params import ParamSpec, assemble, param_specs
 from .quant import QuantizedWeight
 
 Progress = Callable[[int, int, int, int], None]  # (bytes_done, bytes_total, files_done, files_total)
@@ -79,18 +79,19 @@ def resolve_tokenizer_path(checkpoint_dir: Path, tokenizer: str | Path | None) -
 
 
 def to_device_leaf(spec: ParamSpec, leaf, dtype, place=None):
-    """Host leaf -> device leaf in the dtypes of `params.device_dtypes`.
+    """Host leaf -> device leaf: int8 weights stay int8, scales become f32 (exact for bf16).
 
     `place(spec, array, part)` puts one array on the devices (`part` is "weight", "scales" or
-    "plain"); the default puts it on the default device. For a per-layer spec, `leaf` is the
-    whole stack `[layers, ...]` of that parameter.
+    "plain"); the default puts it on the default device.
     """
     place = place or (lambda spec, arr, part: jax.device_put(arr))
-    want = device_dtypes(spec, jnp.dtype(dtype))
     if isinstance(leaf, QuantizedWeight):
-        return QuantizedWeight(place(spec, np.asarray(leaf.weight).astype(want["weight"], copy=False), "weight"),
-                               place(spec, np.asarray(leaf.scales).astype(want["scales"], copy=False), "scales"))
-    return place(spec, np.asarray(leaf).astype(want["plain"], copy=False), "plain")
+        return QuantizedWeight(place(spec, np.asarray(leaf.weight), "weight"),
+                               place(spec, np.asarray(leaf.scales).astype(np.float32), "scales"))
+    arr = np.asarray(leaf)
+    if spec.name == "embed" and jnp.dtype(dtype) != jnp.float32:
+        arr = arr.astype(jnp.dtype(dtype))  # the reference casts embeddings to bf16 anyway
+    return place(spec, arr, "plain")
 
 
 def load(path: str | Path, tokenizer: str | Path | None = None, *, progress: Progress | None = None,
@@ -133,16 +134,9 @@ def load(path: str | Path, tokenizer: str | Path | None = None, *, progress: Pro
         from .sharding import make_placer
 
         place = make_placer(cfg, mesh)  # each device receives only its own slice of each leaf
-    # Each file is read straight into its layer's slot of a preallocated host stack; a stack goes
-    # to the devices as soon as its last layer is in, and the host copy is dropped.
-    stacks = HostStacks(cfg)
-    params: dict = {"layers": {}}
-    for spec, leaf in checkpoint.iter_leaves(root, cfg, workers=workers or 4, progress=progress, check=False,
-                                             into=stacks.slot):
-        if spec.layer is None:
-            params[spec.name] = to_device_leaf(spec, leaf, dtype, place=place)
-        elif stacks.fill(spec, leaf):
-            params["layers"][spec.name] = to_device_leaf(spec, stacks.pop(spec.name), dtype, place=place)
-        del leaf
-    params["layers"] = {name: params["layers"][name] for name in LAYER_PARAMS}
+    leaves = {}
+    for spec, leaf in checkpoint.iter_leaves(root, cfg, workers=workers or 4, progress=progress, check=False):
+        leaves[(spec.name, spec.layer)] = to_device_leaf(spec, leaf, dtype, place=place)
+        del leaf  # host memory: one file in flight per reader thread, not the checkpoint
+    params = assemble(cfg, leaves)
     return Model(config=cfg, params=params, dtype=dtype, mesh=mesh, path=root), tok

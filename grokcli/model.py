@@ -36,18 +36,12 @@ class KVCache(NamedTuple):
     lengths: jax.Array  # [B] int32: positions written so far (next write position)
 
 
-def cache_shapes(cfg: ModelConfig, batch: int, context: int) -> KVCache:
-    """The shape of each KV cache array (a KVCache of tuples): the one declaration of it."""
-    kv = (cfg.num_layers, batch, context, cfg.num_kv_heads, cfg.key_size)
-    return KVCache(k=kv, v=kv, valid=(batch, context), lengths=(batch,))
-
-
 def init_cache(cfg: ModelConfig, batch: int, context: int, dtype=None) -> KVCache:
     """An empty cache for `batch` sequences of up to `context` tokens."""
     dtype = dtype or compute_dtype_for_backend()
-    shapes = cache_shapes(cfg, batch, context)
-    return KVCache(jnp.zeros(shapes.k, dtype), jnp.zeros(shapes.v, dtype),
-                   jnp.zeros(shapes.valid, bool), jnp.zeros(shapes.lengths, jnp.int32))
+    shape = (cfg.num_layers, batch, context, cfg.num_kv_heads, cfg.key_size)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, context), bool), jnp.zeros((batch,), jnp.int32))
 
 
 def rms_norm(x, scale):
@@ -71,32 +65,27 @@ def rope(x, positions):
 def _attention(p, x, cfg: ModelConfig, positions, keys_fn):
     """Self-attention of one layer.
 
-    `keys_fn(k, v)` returns what to attend over, (keys [B, S, kv, key], values, key positions
-    [B, S], key validity [B, S]), and the layer's cache update (or None), which is returned with
-    the output: `(out, update)`.
+    `keys_fn(k, v)` stores the new keys/values where needed and returns what to attend over:
+    (keys [B, S, kv, key], values, key positions [B, S], key validity [B, S]).
     """
     b, t, _ = x.shape
     q = qmatmul(x, p["q"]).reshape(b, t, cfg.num_q_heads, cfg.key_size)
     k = qmatmul(x, p["k"]).reshape(b, t, cfg.num_kv_heads, cfg.key_size)
     v = qmatmul(x, p["v"]).reshape(b, t, cfg.num_kv_heads, cfg.key_size)
     q, k = rope(q, positions), rope(k, positions)
-    (keys, values, key_pos, key_valid), update = keys_fn(k, v)
+    keys, values, key_pos, key_valid = keys_fn(k, v)
 
     # [B, T, kv, group, key] x [B, S, kv, key] -> [B, kv, group, T, S]
     qg = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.key_size)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
                         preferred_element_type=jnp.float32)
     scores = scores * cfg.attn_output_multiplier
-    # The exact 30*tanh(s/30) cap on the scores. jax.nn.dot_product_attention (cuDNN's fused
-    # attention) has no logit cap, so it cannot compute this layer; it stays in this form on every
-    # backend. Memory is bounded by the caller: a chunk of T tokens over a cache of S positions
-    # materialises [B, heads, T, S] scores, never [context, context].
     scores = ATTN_SOFTCAP * jnp.tanh(scores / ATTN_SOFTCAP)
     mask = key_valid[:, None, None, None, :] & (key_pos[:, None, None, None, :] <= positions[:, None, None, :, None])
     scores = jnp.where(mask, scores, MASKED)
     weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(x.dtype))
-    return qmatmul(out.reshape(b, t, cfg.num_q_heads * cfg.key_size), p["o"]), update
+    return qmatmul(out.reshape(b, t, cfg.num_q_heads * cfg.key_size), p["o"])
 
 
 def _moe(p, x, cfg: ModelConfig):
@@ -130,13 +119,10 @@ def _moe(p, x, cfg: ModelConfig):
 
 
 def decoder_layer(p, h, cfg: ModelConfig, positions, keys_fn):
-    """One layer with the reference's sandwich norms around attention and the MoE.
-
-    Returns `(h, update)`: the layer's output and the cache update `keys_fn` made (or None).
-    """
-    attn, update = _attention(p, rms_norm(h, p["attn_norm"]), cfg, positions, keys_fn)
+    """One layer with the reference's sandwich norms around attention and the MoE."""
+    attn = _attention(p, rms_norm(h, p["attn_norm"]), cfg, positions, keys_fn)
     h = h + rms_norm(attn, p["attn_post_norm"])
-    return h + rms_norm(_moe(p, rms_norm(h, p["moe_norm"]), cfg), p["moe_post_norm"]), update
+    return h + rms_norm(_moe(p, rms_norm(h, p["moe_norm"]), cfg), p["moe_post_norm"])
 
 
 def embed(params, tokens, cfg: ModelConfig, dtype):
@@ -165,6 +151,7 @@ def forward(params, tokens, cfg: ModelConfig, cache: KVCache | None = None, inpu
     b, t = tokens.shape
     not_pad = tokens != cfg.pad_token
     rows = jnp.arange(b)[:, None]
+    cache_k = cache_v = None
     if cache is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         key_valid_new = not_pad
@@ -174,36 +161,26 @@ def forward(params, tokens, cfg: ModelConfig, cache: KVCache | None = None, inpu
         positions = cache.lengths[:, None] + jnp.arange(t)[None, :]
         key_valid_new = not_pad & (jnp.arange(t)[None, :] < input_lengths[:, None])
         valid = cache.valid.at[rows, positions].set(key_valid_new, mode="drop")
-        all_pos = jnp.broadcast_to(jnp.arange(cache.k.shape[2]), (b, cache.k.shape[2]))
+        cache_k, cache_v = cache.k, cache.v
+        all_pos = jnp.broadcast_to(jnp.arange(cache_k.shape[2]), (b, cache_k.shape[2]))
 
     h = embed(params, tokens, cfg, dtype)
-    if cache is None:
-        def layer_step(h, p):
-            h, _ = decoder_layer(p, h, cfg, positions, lambda k, v: ((k, v, positions, key_valid_new), None))
-            return h, None
-
-        h, _ = jax.lax.scan(layer_step, h, params["layers"])
-        return rms_norm(h, params["final_norm"]), None
-
-    def cached_layer_step(carry, inputs):
-        # The whole cache is the scan's carry: XLA updates it in place (the callers donate it),
-        # one layer's new entries per step.
-        h, cache_k, cache_v = carry
-        p, layer = inputs
-
-        def keys_fn(k, v):
-            new_k = cache_k.at[layer, rows, positions].set(k.astype(cache_k.dtype), mode="drop")
-            new_v = cache_v.at[layer, rows, positions].set(v.astype(cache_v.dtype), mode="drop")
+    for layer, p in enumerate(params["layers"]):
+        def keys_fn(k, v, layer=layer):
+            nonlocal cache_k, cache_v
+            if cache is None:
+                return k, v, positions, key_valid_new
+            # In-place (the cache is donated by the callers) write of this layer's new entries.
+            cache_k = cache_k.at[layer, rows, positions].set(k.astype(cache_k.dtype), mode="drop")
+            cache_v = cache_v.at[layer, rows, positions].set(v.astype(cache_v.dtype), mode="drop")
             if fresh_cache:
-                return (k, v, positions, key_valid_new), (new_k, new_v)
-            return (new_k[layer], new_v[layer], all_pos, valid), (new_k, new_v)
+                return k, v, positions, key_valid_new
+            return cache_k[layer], cache_v[layer], all_pos, valid
 
-        h, (cache_k, cache_v) = decoder_layer(p, h, cfg, positions, keys_fn)
-        return (h, cache_k, cache_v), None
-
-    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (h, cache_k, cache_v), _ = jax.lax.scan(cached_layer_step, (h, cache.k, cache.v), (params["layers"], layers))
+        h = decoder_layer(p, h, cfg, positions, keys_fn)
     h = rms_norm(h, params["final_norm"])
+    if cache is None:
+        return h, None
     return h, KVCache(cache_k, cache_v, valid, cache.lengths + input_lengths.astype(jnp.int32))
 
 
@@ -220,10 +197,8 @@ def hidden_states(params, tokens, cfg: ModelConfig, dtype=None):
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     not_pad = tokens != cfg.pad_token
     h = embed(params, tokens, cfg, dtype)
-
-    def layer_step(h, p):
-        h, _ = decoder_layer(p, h, cfg, positions, lambda k, v: ((k, v, positions, not_pad), None))
-        return h, h
-
-    _, per_layer = jax.lax.scan(layer_step, h, params["layers"])
-    return jnp.concatenate([h[None], per_layer])
+    outputs = [h]
+    for p in params["layers"]:
+        h = decoder_layer(p, h, cfg, positions, lambda k, v: (k, v, positions, not_pad))
+        outputs.append(h)
+    return jnp.stack(outputs)

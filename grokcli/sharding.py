@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import UsageError
-from .params import LAYER_AXIS, ParamSpec
+from .params import ParamSpec
 
 DATA, MODEL = "data", "model"
 MESH_AXES = (DATA, MODEL)
@@ -42,8 +42,6 @@ class MeshError(UsageError):
 #   ffn: each expert's hidden width (experts stay whole on every device: decode reads 2 of 8)
 #   vocab: the (tied) embedding table
 #   emb / expert: fallbacks for big matrices; head_dim / context: fallbacks for the KV cache
-#   layers (params.LAYER_AXIS, the stacked leaves' and the KV cache's leading axis) is listed
-#   nowhere, so it is never split: every device runs every layer of the scan.
 
 PARTITION_RULES: dict[str, dict[str, tuple[str, ...]]] = {
     MODEL: {"primary": ("ffn", "q_heads", "kv_heads", "vocab"),
@@ -53,8 +51,8 @@ PARTITION_RULES: dict[str, dict[str, tuple[str, ...]]] = {
 
 # Logical axes of the KV cache's arrays (model.KVCache field order).
 CACHE_AXES = {
-    "k": (LAYER_AXIS, "batch", "context", "kv_heads", "head_dim"),
-    "v": (LAYER_AXIS, "batch", "context", "kv_heads", "head_dim"),
+    "k": ("layers", "batch", "context", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "context", "kv_heads", "head_dim"),
     "valid": ("batch", "context"),
     "lengths": ("batch",),
 }
@@ -108,43 +106,28 @@ def scales_partition(spec: ParamSpec, weight_part: tuple, mesh_shape: dict[str, 
     return tuple(out)
 
 
-def _leaf_partition(spec: ParamSpec, axes: tuple, shape: tuple, mesh_shape: dict[str, int],
-                    cfg: ModelConfig) -> dict[str, tuple]:
-    part = partition(axes, shape, mesh_shape, cfg)
-    if spec.quantized:
-        return {"weight": part, "scales": scales_partition(spec, part, mesh_shape)}
-    return {"plain": part}
-
-
 def param_partitions(cfg: ModelConfig, mesh_shape: dict[str, int]) -> dict[tuple[str, int | None], dict]:
-    """`{(name, layer): {"weight"|"plain": part, "scales": part}}` for every checkpoint file's leaf
-    (one layer's slot; see `stacked_partitions` for the params pytree's stacked leaves)."""
-    from .params import param_specs
-
-    return {(spec.name, spec.layer): _leaf_partition(spec, spec.axes, spec.shape, mesh_shape, cfg)
-            for spec in param_specs(cfg)}
-
-
-def stacked_partitions(cfg: ModelConfig, mesh_shape: dict[str, int]) -> dict[str, dict]:
-    """`{name: {"weight"|"plain": part, "scales": part}}` of the params pytree's leaves: the global
-    leaves as they are, each per-layer stack `[layers, ...]` with its unsplit layer axis first."""
+    """`{(name, layer): {"weight"|"plain": part, "scales": part}}` for every leaf of a config."""
     from .params import param_specs
 
     out = {}
     for spec in param_specs(cfg):
-        if spec.layer is None:
-            out[spec.name] = _leaf_partition(spec, spec.axes, spec.shape, mesh_shape, cfg)
-        elif spec.layer == 0:
-            out[spec.name] = _leaf_partition(spec, (LAYER_AXIS,) + spec.axes, (cfg.num_layers,) + spec.shape,
-                                             mesh_shape, cfg)
+        part = partition(spec.axes, spec.shape, mesh_shape, cfg)
+        if spec.quantized:
+            out[(spec.name, spec.layer)] = {"weight": part, "scales": scales_partition(spec, part, mesh_shape)}
+        else:
+            out[(spec.name, spec.layer)] = {"plain": part}
     return out
 
 
 def cache_partitions(cfg: ModelConfig, batch: int, context: int, mesh_shape: dict[str, int]) -> dict[str, tuple]:
     """Partition of each KV cache array (keys of CACHE_AXES) for a batch and context."""
-    from .model import cache_shapes
-
-    shapes = cache_shapes(cfg, batch, context)._asdict()
+    shapes = {
+        "k": (cfg.num_layers, batch, context, cfg.num_kv_heads, cfg.key_size),
+        "v": (cfg.num_layers, batch, context, cfg.num_kv_heads, cfg.key_size),
+        "valid": (batch, context),
+        "lengths": (batch,),
+    }
     return {name: partition(CACHE_AXES[name], shapes[name], mesh_shape) for name in CACHE_AXES}
 
 
@@ -274,14 +257,11 @@ def put_batch(tree, mesh):
 
 
 def make_placer(cfg: ModelConfig, mesh):
-    """The `place(spec, array, part)` hook of `loader.to_device_leaf` for this mesh.
-
-    For a per-layer spec, `array` is the whole stack `[layers, ...]` of that parameter.
-    """
-    parts = stacked_partitions(cfg, mesh_shape_dict(mesh))
+    """The `place(spec, array, part)` hook of `loader.to_device_leaf` for this mesh."""
+    parts = param_partitions(cfg, mesh_shape_dict(mesh))
 
     def place(spec: ParamSpec, array, part: str):
-        return put(array, named(mesh, parts[spec.name][part]))
+        return put(array, named(mesh, parts[(spec.name, spec.layer)][part]))
 
     return place
 
@@ -314,7 +294,7 @@ def leaf_bytes_per_device(shape: Sequence[int], itemsize: int, part: Sequence, m
 
 
 __all__ = ["DATA", "MODEL", "MESH_AXES", "MeshError", "PARTITION_RULES", "CACHE_AXES", "partition",
-           "scales_partition", "param_partitions", "stacked_partitions", "cache_partitions", "shard_shape", "parse_mesh_shape",
+           "scales_partition", "param_partitions", "cache_partitions", "shard_shape", "parse_mesh_shape",
            "mesh_suggestions", "check_mesh_shape", "make_mesh", "mesh_shape_dict", "named",
            "replicated", "put", "batch_part", "put_batch", "make_placer",
            "cache_shardings", "init_cache", "leaf_bytes_per_device"]

@@ -11,8 +11,6 @@ import math
 
 import numpy as np
 
-from grokcli.params import layer_params
-
 
 def dequant(w) -> np.ndarray:
     """Dense f32 matrix of a plain array or anything with .weight/.scales (row blocks)."""
@@ -63,8 +61,7 @@ def forward_row(params, tokens, cfg) -> np.ndarray:
     h = E[tokens] * cfg.embedding_multiplier_scale
     key_ok = tokens != cfg.pad_token
     group = cfg.num_q_heads // cfg.num_kv_heads
-    for layer in range(cfg.num_layers):
-        p = layer_params(params, layer)
+    for p in params["layers"]:
         x = rms_norm(h, np.asarray(p["attn_norm"]))
         q = (x @ dequant(p["q"])).reshape(T, cfg.num_q_heads, cfg.key_size)
         k = (x @ dequant(p["k"])).reshape(T, cfg.num_kv_heads, cfg.key_size)

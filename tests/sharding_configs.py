@@ -38,10 +38,11 @@ def scaled_params(cfg: ModelConfig, seed: int = 0) -> dict:
 
     params = random_params(cfg, seed)
     for spec in param_specs(cfg):
-        if spec.row_blocks == 1 or spec.layer != 0:
+        if spec.row_blocks == 1 or spec.layer is None:
             continue
-        w = params["layers"][spec.name].dequantize(np.float32)  # every layer's stack at once
+        layer = params["layers"][spec.layer]
+        w = layer[spec.name].dequantize(np.float32)
         n_in = w.shape[-2]
         gains = np.repeat(BLOCK_GAINS[: spec.row_blocks], n_in // spec.row_blocks)
-        params["layers"][spec.name] = quantize(w * gains[:, None], spec.row_blocks)
+        layer[spec.name] = quantize(w * gains[:, None], spec.row_blocks)
     return params

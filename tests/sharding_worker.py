@@ -25,7 +25,7 @@ def layout(model) -> dict:
     """Bytes per device and, for each leaf, the fraction of it the fullest device holds."""
     import jax
 
-    from grokcli.params import param_specs
+    from grokcli.params import get_leaf, param_specs
     from grokcli.quant import QuantizedWeight
 
     per_device: dict[str, int] = {}
@@ -33,9 +33,7 @@ def layout(model) -> dict:
     fractions = {}
     scales_shards = {}
     for spec in param_specs(model.config):
-        if spec.layer not in (None, 0):
-            continue  # a stack holds every layer: counted once, at layer 0
-        leaf = model.params[spec.name] if spec.layer is None else model.params["layers"][spec.name]
+        leaf = get_leaf(model.params, spec)
         arrays = {"weight": leaf.weight, "scales": leaf.scales} if isinstance(leaf, QuantizedWeight) else {"plain": leaf}
         for part, arr in arrays.items():
             total += arr.nbytes
@@ -44,13 +42,9 @@ def layout(model) -> dict:
                 key = str(shard.device.id)
                 per_device[key] = per_device.get(key, 0) + shard.data.nbytes
                 biggest = max(biggest, shard.data.nbytes)
-            if spec.layer is not None:
-                assert all(s.data.shape[0] == arr.shape[0] for s in arr.addressable_shards), "layer axis split"
-            for layer_spec in param_specs(model.config):  # every layer's slot shares its stack's layout
-                if layer_spec.name == spec.name:
-                    fractions[f"{layer_spec.path}:{part}"] = biggest / arr.nbytes
-            if part == "scales" and spec.row_blocks > 1:
-                scales_shards[spec.name] = sorted({tuple(s.data.shape[1:]) for s in arr.addressable_shards})
+            fractions[f"{spec.path}:{part}"] = biggest / arr.nbytes
+            if part == "scales" and spec.row_blocks > 1 and spec.layer == 0:
+                scales_shards[spec.name] = sorted({tuple(s.data.shape) for s in arr.addressable_shards})
     return {"per_device": per_device, "total": total, "fractions": fractions,
             "scales_shards": {k: [list(s) for s in v] for k, v in scales_shards.items()},
             "devices_used": len(per_device), "jax_devices": jax.device_count()}

@@ -27,7 +27,7 @@ from grokcli.checkpoint import (check_checkpoint_shapes, dumps_leaf, expected_fi
                                 read_leaf, write_checkpoint)
 from grokcli.config import GROK_1, ModelConfig, load_config
 from grokcli.errors import CheckpointError, ConfigError
-from grokcli.params import LAYER_PARAMS, get_leaf, layer_params, param_specs
+from grokcli.params import LAYER_PARAMS, get_leaf, param_specs
 from grokcli.quant import QuantizedWeight, quantize
 
 FIXTURES = ("tiny-a", "tiny-b")
@@ -667,9 +667,10 @@ def test_writer_quantizes_float_matrices(tmp_path, tiny_config):
     cfg = tiny_config()
     params = random_params(cfg, seed=1)
     floats = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
-    for name, value in floats["layers"].items():
-        if isinstance(value, QuantizedWeight):
-            floats["layers"][name] = value.dequantize(np.float32)
+    for layer in floats["layers"]:
+        for name, value in layer.items():
+            if isinstance(value, QuantizedWeight):
+                layer[name] = value.dequantize(np.float32)
     write_checkpoint(tmp_path, floats, cfg)
     got = read_checkpoint(tmp_path, cfg)
     for spec in param_specs(cfg):
@@ -694,8 +695,8 @@ def test_writer_replaces_a_larger_checkpoint_and_copies_the_tokenizer(tmp_path, 
 def test_writer_rejects_params_that_do_not_fit_the_config(tmp_path, tiny_config):
     cfg = tiny_config()
     params = random_params(cfg)
-    params["layers"]["router"] = np.zeros((cfg.num_layers, 32, 4), np.float32)
-    with pytest.raises(ConfigError, match="decoder_layer_0/router/w: shape \\[32, 4\\], config expects \\[32, 8\\]"):
+    params["layers"][1]["router"] = np.zeros((32, 4), np.float32)
+    with pytest.raises(ConfigError, match="decoder_layer_1/router/w: shape \\[32, 4\\], config expects \\[32, 8\\]"):
         write_checkpoint(tmp_path, params, cfg)
 
 
@@ -703,13 +704,12 @@ def test_random_params_follow_the_fixture_generator(tiny_config):
     cfg = tiny_config(emb_size=64)
     p = random_params(cfg, seed=0)
     assert abs(np.std(p["embed"]) - 3 / 8) < 0.02
-    first = layer_params(p, 0)
-    assert abs(np.mean(first["attn_post_norm"]) - 12) < 0.5
-    assert abs(np.mean(first["attn_norm"]) - 1) < 0.05
-    w = first["q"]
+    assert abs(np.mean(p["layers"][0]["attn_post_norm"]) - 12) < 0.5
+    assert abs(np.mean(p["layers"][0]["attn_norm"]) - 1) < 0.05
+    w = p["layers"][0]["q"]
     assert isinstance(w, QuantizedWeight) and w.weight.dtype == np.int8 and w.scales.dtype == BF16
     assert np.abs(w.weight).max() == 127
-    assert_leaves_equal(random_params(cfg, seed=0)["layers"]["w_down"], p["layers"]["w_down"])
+    assert_leaves_equal(random_params(cfg, seed=0)["layers"][1]["w_down"], p["layers"][1]["w_down"])
 
 
 # --- streaming reads ------------------------------------------------------------------------
@@ -770,12 +770,9 @@ def test_grok1_shapes_without_allocating():
 
     abstract = jax.eval_shape(build)
     flat = jax.tree.leaves(abstract)
-    assert len(flat) == 2 + 12 + 7  # one stack per layer parameter; a QuantizedWeight is two arrays
+    assert len(flat) == 770 + 7 * 64  # each QuantizedWeight is two arrays
     for s in specs:
-        leaf = abstract[s.name] if s.layer is None else abstract["layers"][s.name]
-        if s.layer is not None:  # the stacks' leading axis is the layer
-            leaf = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), leaf)
-            assert jax.tree.leaves(abstract["layers"][s.name])[0].shape[0] == 64
+        leaf = get_leaf(abstract, s)
         if s.name in REAL_SHAPES:
             assert s.shape == REAL_SHAPES[s.name]
         if s.quantized:

@@ -19,7 +19,6 @@ import pytest
 import grokcli
 from grokcli import paths
 from grokcli.config import load_config
-from grokcli.params import layer_params
 
 from conftest import grok_command
 
@@ -62,7 +61,7 @@ def test_loads_through_the_grok1_code_path_with_int8_weights(demo):
     from grokcli.quant import QuantizedWeight
 
     model, _ = demo
-    layer = model.params["layers"]
+    layer = model.params["layers"][0]
     assert isinstance(layer["w_down"], QuantizedWeight) and layer["w_down"].row_blocks == 8
     assert np.asarray(layer["w_down"].weight).dtype == np.int8
     assert np.asarray(model.params["embed"]).dtype == np.float32
@@ -94,8 +93,7 @@ def _dequantized_params(model):
         return np.asarray(leaf, np.float32)
 
     return {"embed": host(model.params["embed"]), "final_norm": host(model.params["final_norm"]),
-            "layers": [{k: host(v) for k, v in layer_params(model.params, i).items()}
-                       for i in range(model.config.num_layers)]}
+            "layers": [{k: host(v) for k, v in layer.items()} for layer in model.params["layers"]]}
 
 
 def _np_forward(p, tokens, cfg):

@@ -261,7 +261,7 @@ def test_cli_download_then_verify_then_load(tmp_path, published_checkpoint):
 
     from grokcli.checkpoint import load_leaf, read_checkpoint
     from grokcli.config import load_config
-    from grokcli.params import get_leaf, param_specs
+    from grokcli.params import param_specs
 
     dest = tmp_path / "grok"
     with FakeHub(REPO, published_checkpoint) as hub:
@@ -288,7 +288,7 @@ def test_cli_download_then_verify_then_load(tmp_path, published_checkpoint):
     params = read_checkpoint(dest, CFG)
     for i, spec in enumerate(param_specs(CFG)):
         want = load_leaf(published_checkpoint[f"ckpt-0/tensor{i:05d}_000"], spec.path)
-        have = get_leaf(params, spec)
+        have = params[spec.name] if spec.layer is None else params["layers"][spec.layer][spec.name]
         if spec.quantized:
             assert np.array_equal(np.asarray(have.weight), want.weight)
             assert np.array_equal(np.asarray(have.scales).view(np.uint16), want.scales.view(np.uint16))

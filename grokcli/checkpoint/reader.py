@@ -18,7 +18,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..fsutil import NotRegularFileError, open_regular_file
-from ..params import LAYER_PARAMS, HostStacks, ParamSpec, param_specs
+from ..params import ParamSpec, assemble, param_specs
 from ..quant import QuantizedWeight
 from ..layout import TENSOR_FOLDER, TENSOR_NAME, tensor_name
 from .unpickle import ArrayHeader, LeafHeader, build_leaf, read_header, readinto_exactly
@@ -135,23 +135,7 @@ def _open(path: Path, spec: ParamSpec):
         raise CheckpointError(f"{path}: cannot read ({e.strerror}) ({spec.path})") from None
 
 
-def _read_array_into(f, h: ArrayHeader, dest: np.ndarray, name: str, on_bytes=None) -> np.ndarray:
-    """Read one array of a file straight into `dest` (same shape and dtype, C-contiguous)."""
-    if isinstance(h.data, bytes):  # a small array stored inline in the pickle stream
-        src = np.frombuffer(h.data, dtype=h.dtype).reshape(h.shape, order="F" if h.fortran else "C")
-        dest[...] = src
-    elif h.fortran:  # the release never writes column-major data; read it whole, then transpose
-        tmp = np.empty(h.shape[::-1], h.dtype)
-        f.seek(h.data.offset)
-        readinto_exactly(f, memoryview(tmp.reshape(-1).view(np.uint8)), name, on_bytes)
-        dest[...] = tmp.T
-    else:
-        f.seek(h.data.offset)
-        readinto_exactly(f, memoryview(dest.reshape(-1).view(np.uint8)), name, on_bytes)
-    return dest
-
-
-def _read_leaf(path: Path, spec: ParamSpec, on_bytes=None, into: np.ndarray | None = None):
+def _read_leaf(path: Path, spec: ParamSpec, on_bytes=None) -> np.ndarray | QuantizedWeight:
     with _open(path, spec) as f:
         header = read_header(f, path.name)
         validate_leaf(header, spec, path.name)
@@ -160,15 +144,7 @@ def _read_leaf(path: Path, spec: ParamSpec, on_bytes=None, into: np.ndarray | No
             f.seek(payload.offset)
             readinto_exactly(f, memoryview(out), path.name, on_bytes)
 
-        if into is None:
-            return build_leaf(header, fill)
-        if into.shape != spec.shape or not into.flags.c_contiguous:
-            raise ValueError(f"destination {into.shape} for {spec.path} is not a C-contiguous {list(spec.shape)}")
-        if not header.quantized:
-            return _read_array_into(f, header.array, into, path.name, on_bytes)
-        # The int8 weight goes to its slot; the scales (1/rows-per-block the size) are returned.
-        scales = _read_array_into(f, header.scales, np.empty(spec.scales_shape, _BF16), path.name, on_bytes)
-        return QuantizedWeight(_read_array_into(f, header.weight, into, path.name, on_bytes), scales)
+        return build_leaf(header, fill)
 
 
 def read_leaf(path: str | Path, spec: ParamSpec) -> np.ndarray | QuantizedWeight:
@@ -214,14 +190,8 @@ class _ByteCounter:
 
 def iter_leaves(ckpt_dir: str | Path, cfg: ModelConfig, *, workers: int = 4,
                 max_in_flight: int | None = None, progress: ProgressFn | None = None,
-                check: bool = True, into: Callable[[ParamSpec], np.ndarray | None] | None = None,
-                ) -> Iterator[tuple[ParamSpec, np.ndarray | QuantizedWeight]]:
+                check: bool = True) -> Iterator[tuple[ParamSpec, np.ndarray | QuantizedWeight]]:
     """Yield `(spec, leaf)` as files finish reading, in completion order.
-
-    `into(spec)` may return the preallocated array (a layer's slot of a stack, C-contiguous) that
-    the file's big payload is read straight into: a float32 leaf's array, a quantized leaf's int8
-    weight (its bfloat16 scales come back as a new small array). The yielded leaf then holds that
-    array. None (or no `into`) means a newly allocated leaf.
 
     `workers` threads read files; at most `max_in_flight` (default: `workers`) files are being
     read or waiting to be consumed at once, so host memory stays bounded while the consumer
@@ -250,7 +220,7 @@ def iter_leaves(ckpt_dir: str | Path, cfg: ModelConfig, *, workers: int = 4,
             counted += n
             counter.add(n)
 
-        leaf = _read_leaf(paths[i], specs[i], add, into(specs[i]) if into is not None else None)
+        leaf = _read_leaf(paths[i], specs[i], add)
         counter.add(sizes[i] - counted)  # the header and small inline payloads
         return leaf
 
@@ -290,14 +260,10 @@ def read_checkpoint(ckpt_dir: str | Path, cfg: ModelConfig, progress: ProgressFn
     Leaves are numpy: float32 arrays, and QuantizedWeight with int8 weights and bfloat16
     scales. The directory is checked against `cfg` from the headers first.
     """
-    stacks = HostStacks(cfg, scales_dtype=_BF16)
     leaves = {}
-    for spec, leaf in iter_leaves(ckpt_dir, cfg, workers=workers, progress=progress, into=stacks.slot):
-        if spec.layer is None:
-            leaves[spec.name] = leaf
-        else:
-            stacks.fill(spec, leaf)
-    return {**leaves, "layers": {name: stacks.pop(name) for name in LAYER_PARAMS}}
+    for spec, leaf in iter_leaves(ckpt_dir, cfg, workers=workers, progress=progress):
+        leaves[(spec.name, spec.layer)] = leaf
+    return assemble(cfg, leaves)
 
 
 __all__ = ["resolve_checkpoint_dir", "tensor_path", "validate_leaf", "read_leaf",
