@@ -348,19 +348,18 @@ MAX_SESSION_BYTES = 64 << 20  # far above any real transcript (the context is 81
 
 def _read_session_file(path: Path) -> dict:
     """The JSON object of a session file: a regular file, bounded in size, nesting and type."""
-    from .fsutil import NotRegularFileError, open_regular_file
+    from .fsutil import FileTooLargeError, NotRegularFileError, read_regular_file
 
     try:
-        with open_regular_file(path) as f:
-            raw = f.read(MAX_SESSION_BYTES + 1)
+        raw = read_regular_file(path, MAX_SESSION_BYTES)
     except FileNotFoundError:
         raise ReplError(f"no such file: {path}") from None
     except NotRegularFileError:
         raise ReplError(f"{path} is not a regular file") from None
+    except FileTooLargeError:
+        raise ReplError(f"{path} is larger than {MAX_SESSION_BYTES >> 20} MiB: not a session saved with /save") from None
     except OSError as e:
         raise ReplError(f"cannot read {path}: {e.strerror or e}") from None
-    if len(raw) > MAX_SESSION_BYTES:
-        raise ReplError(f"{path} is larger than {MAX_SESSION_BYTES >> 20} MiB: not a session saved with /save")
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
